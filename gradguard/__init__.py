@@ -1,0 +1,31 @@
+"""gradguard: catch the silent mistakes of PyTorch training loops while they run."""
+
+from gradguard._version import __version__
+from gradguard.detector import Detector
+from gradguard.errors import ConfigurationError, FindingError, FindingWarning, GradGuardError, GradGuardWarning
+from gradguard.explain import explain
+from gradguard.findings import Finding, Location, Severity
+from gradguard.guard import Guard
+from gradguard.install import install, installed, uninstall
+from gradguard.policy import Policy
+from gradguard.rules import RULES
+
+__all__ = [
+    "RULES",
+    "ConfigurationError",
+    "Detector",
+    "Finding",
+    "FindingError",
+    "FindingWarning",
+    "GradGuardError",
+    "GradGuardWarning",
+    "Guard",
+    "Location",
+    "Policy",
+    "Severity",
+    "__version__",
+    "explain",
+    "install",
+    "installed",
+    "uninstall",
+]

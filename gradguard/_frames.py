@@ -1,0 +1,72 @@
+"""Find the user's own frame on the stack, skipping gradguard, torch and frameworks."""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from types import FrameType
+
+from gradguard.findings import Location
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _library_prefixes() -> tuple[str, ...]:
+    prefixes = [_PKG_DIR]
+    for name in ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics"):
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if path:
+            prefixes.append(os.path.dirname(os.path.abspath(path)) + os.sep)
+    stdlib = sysconfig.get_paths().get("stdlib")
+    if stdlib:
+        prefixes.append(os.path.abspath(stdlib) + os.sep)
+    return tuple(prefixes)
+
+
+_GENERATED = ("<frozen", "<eval_with_key", "<built-in", "<torch")
+
+_prefix_cache: tuple[int, tuple[str, ...]] = (-1, ())
+_file_cache: dict[str, bool] = {}
+
+
+def _is_library_file(filename: str) -> bool:
+    global _prefix_cache
+    known = _file_cache.get(filename)
+    if known is not None:
+        return known
+    if _prefix_cache[0] != len(sys.modules):
+        _prefix_cache = (len(sys.modules), _library_prefixes())
+    if filename.startswith("<"):
+        result = filename.startswith(_GENERATED)  # frozen importlib, torch.fx; not <stdin>, <string>
+    else:
+        result = os.path.abspath(filename).startswith(_prefix_cache[1])
+    _file_cache[filename] = result
+    return result
+
+
+def user_frame(start: FrameType | None = None) -> FrameType | None:
+    """The innermost frame that belongs to the user's code, or ``None``."""
+    frame: FrameType | None = start if start is not None else sys._getframe(1)
+    while frame is not None:
+        if not _is_library_file(frame.f_code.co_filename):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def user_location(start: FrameType | None = None) -> Location | None:
+    """The file and line of the innermost user frame, or ``None`` if there is none."""
+    frame = user_frame(start if start is not None else sys._getframe(1))
+    if frame is None:
+        return None
+    return Location(_display_path(frame.f_code.co_filename), frame.f_lineno, frame.f_code.co_name)
+
+
+def _display_path(filename: str) -> str:
+    try:
+        rel = os.path.relpath(filename)
+    except ValueError:  # another drive on Windows
+        return filename
+    return filename if rel.startswith(".." + os.sep) else rel
