@@ -22,6 +22,16 @@ from gradguard.report import build_report, write_json_atomic
 
 DetectorSpec = str | type[Detector] | Detector
 
+_ACTIVE: weakref.WeakSet[Guard] = weakref.WeakSet()
+
+
+def active_guards() -> list[Guard]:
+    """The guards attached right now (a ``with Guard(...)`` block, ``install()``, a callback).
+
+    Components outside the detectors, such as the gradient accumulator, report through them.
+    """
+    return list(_ACTIVE)
+
 
 class Guard:
     """Watch a training loop for silent mistakes.
@@ -106,6 +116,7 @@ class Guard:
         if self._closed:
             raise RuntimeError("A Guard attaches once; create a new one for another run")
         self._attached = True
+        _ACTIVE.add(self)
         self._started = time.perf_counter()
         for det in self._detectors:
             self._attach_detector(det)
@@ -144,6 +155,7 @@ class Guard:
             self._model_ids.clear()
             self._optimizer_ids.clear()
             self._attached = False
+            _ACTIVE.discard(self)
             self._closed = True
             self._wall = time.perf_counter() - self._started
             if self.json_path is not None:
