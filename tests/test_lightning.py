@@ -28,17 +28,17 @@ def _loader(n=32, batch=4, seed=0):
 
 
 def _trainer(callbacks, **kwargs):
-    options = dict(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=6,
-        limit_val_batches=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    options = {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "limit_train_batches": 6,
+        "limit_val_batches": 2,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
     options.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **options)
 
@@ -188,13 +188,9 @@ def test_an_exception_detaches_the_guard():
 class MetricModule(Regressor):
     def __init__(self, detach: bool, reset: bool):
         super().__init__()
-        from torchmetrics.regression import PearsonCorrCoef
-        from torchmetrics.wrappers import Running  # noqa: F401
-
         from torchmetrics import CatMetric
 
         self.outputs = CatMetric()
-        self.corr = PearsonCorrCoef()
         self.detach, self.reset_each_epoch = detach, reset
 
     def training_step(self, batch, batch_idx):
