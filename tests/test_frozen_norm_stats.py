@@ -106,3 +106,25 @@ def test_frozen_batchnorm_through_gradguard_run(write_script, run_cli, tmp_path)
     assert found[0]["where"] == "0.1"
     assert found[0]["location"]["file"] == "train.py"
     assert found[0]["location"]["line"] == 14
+
+
+def test_gan_discriminator_frozen_only_during_the_generator_step_is_not_flagged():
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(2, 4))
+    disc = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3)
+    real = torch.randn(8, 4)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    with gradguard.Guard([gen, disc], [opt_g, opt_d], policy="collect") as guard:
+        for _ in range(25):
+            disc.requires_grad_(False)  # generator step first, through a frozen discriminator
+            opt_g.zero_grad()
+            bce(disc(gen(torch.randn(8, 2))), torch.ones(8, 1)).backward()
+            opt_g.step()
+            disc.requires_grad_(True)
+            opt_d.zero_grad()
+            fake = gen(torch.randn(8, 2)).detach()
+            (bce(disc(real), torch.ones(8, 1)) + bce(disc(fake), torch.zeros(8, 1))).backward()
+            opt_d.step()
+    assert guard.findings == []

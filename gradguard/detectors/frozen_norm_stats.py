@@ -17,7 +17,7 @@ _STATS = ("running_mean", "running_var", "num_batches_tracked")
 class _Norm:
     """One normalisation layer with running statistics, held weakly."""
 
-    __slots__ = ("name", "owner", "ref", "versions")
+    __slots__ = ("name", "owner", "pending", "ref", "versions")
 
     def __init__(self, module: _NormBase, name: str, owner: torch.nn.Module | None) -> None:
         self.ref = weakref.ref(module)
@@ -26,6 +26,9 @@ class _Norm:
         # affine parameters, else the nearest enclosing module that has parameters
         self.owner = weakref.ref(owner) if owner is not None else None
         self.versions = _versions(module)
+        # the owner's parameter versions when the stats were first seen changing while
+        # frozen: reported if the parameters are still frozen and unchanged next time
+        self.pending: tuple[int, ...] | None = None
 
 
 def _versions(module: torch.nn.Module) -> tuple[int, ...]:
@@ -36,13 +39,14 @@ def _versions(module: torch.nn.Module) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _all_frozen(module: torch.nn.Module) -> bool:
-    seen = False
+def _frozen_versions(module: torch.nn.Module) -> tuple[int, ...] | None:
+    """The version counters of the module's parameters if all are frozen, else ``None``."""
+    out = []
     for p in module.parameters():
         if p.requires_grad:
-            return False
-        seen = True
-    return seen
+            return None
+        out.append(p._version)
+    return tuple(out) if out else None
 
 
 class FrozenNormStats(Detector):
@@ -54,8 +58,10 @@ class FrozenNormStats(Detector):
     and sits in a module whose parameters are all frozen, but that is in train mode: each
     forward still overwrites ``running_mean`` and ``running_var``. ``requires_grad=False``
     stops gradients, not the statistics, which ``model.train()`` turns back on. gradguard
-    watches the version counters of the running-stat buffers between steps; no value is
-    read.
+    watches the version counters of the running-stat buffers between steps, and reports a
+    layer once its statistics changed over two steps while its parameters stayed frozen
+    and unchanged (so a GAN discriminator frozen only during the generator's step, and
+    trained in between, is not reported); no value is read.
 
     **Why it matters.** The frozen backbone is no longer the pretrained one: its
     statistics drift to the new data, often from small fine-tuning batches, while its
@@ -117,10 +123,13 @@ class FrozenNormStats(Detector):
                 continue
             norm.versions = versions
             if not module.training or norm.name in self.flagged:
+                norm.pending = None
                 continue  # changed through a forward in train mode that eval() since ended
             owner = norm.owner() if norm.owner is not None else None
-            if owner is not None and _all_frozen(owner):
+            frozen = _frozen_versions(owner) if owner is not None else None
+            if frozen is not None and frozen == norm.pending:
                 updated.append(norm.name)
+            norm.pending = frozen
         self._norms = [n for n in self._norms if n.ref() is not None]
         if not updated:
             return None
