@@ -112,3 +112,24 @@ def test_lightning_base_finetuning_unfreezing_schedule():
     assert all(p.requires_grad for p in module.parameters())  # the schedule did unfreeze
     assert len(trainer.optimizers[0].param_groups) == 2
     assert watch.guard.findings == []
+
+
+def test_lazy_modules_under_install_yield_nothing():
+    # the parameters are uninitialised when the model becomes known (its first forward)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(8), nn.LazyBatchNorm1d(), nn.ReLU(), nn.Linear(8, 2))
+    x, y = DATA
+    guard = gradguard.install(policy="collect", select="GG4")
+    try:
+        model(x)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(25):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    finally:
+        gradguard.uninstall()
+    assert guard.findings == []
+    summary = guard.to_dict()["detectors"]["GG405"]["parameters"]["Sequential"]
+    assert summary["3"]["trainable"] == 18
+    assert summary["0"]["trainable_tensors"] == 2

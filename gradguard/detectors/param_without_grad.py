@@ -6,6 +6,7 @@ import weakref
 from typing import Any
 
 import torch
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from gradguard._frames import user_location
 from gradguard.detector import Detector, Findings
@@ -197,7 +198,8 @@ def _parameter_summary(module: torch.nn.Module) -> dict[str, dict[str, int]]:
                 continue
             seen.add(id(p))
             kind = "trainable" if p.requires_grad else "frozen"
-            row[kind] += p.numel()
+            if not isinstance(p, (UninitializedParameter, UninitializedBuffer)):  # lazy: sized at first forward
+                row[kind] += p.numel()
             row[f"{kind}_tensors"] += 1
         if row["trainable_tensors"] or row["frozen_tensors"]:
             out[name] = row
