@@ -45,7 +45,9 @@ class ParamNotInOptimizer(Detector):
     layers, but the new head keeps its random initialisation.
 
     **How to fix it.** Make the optimizer after the model is final, or add the new
-    parameters: ``optimizer.add_param_group({"params": model.fc.parameters()})``.
+    parameters: ``optimizer.add_param_group({"params": model.fc.parameters()})``. If
+    they are not meant to train (a teacher model whose output was not detached), freeze
+    them with ``requires_grad_(False)``, which also saves their backward.
 
     **Example.**
 
@@ -61,7 +63,10 @@ class ParamNotInOptimizer(Detector):
 
     code = "GG403"
     name = "param-not-in-optimizer"
-    hint = "Create the optimizer after the model is final, or optimizer.add_param_group({'params': [...]})"
+    hint = (
+        "Create the optimizer after the model is final, or optimizer.add_param_group({'params': [...]}); "
+        "if they are not meant to train, freeze them with requires_grad_(False)"
+    )
     events = frozenset({"step_pre", "close"})
     state_fields = ("flagged",)
 

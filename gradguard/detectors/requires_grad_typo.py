@@ -85,7 +85,7 @@ def _value_ignored(param: torch.Tensor, value: Any) -> bool:
 
 
 class RequiresGradTypo(Detector):
-    """GG401 requires-grad-typo: a misspelt ``requires_grad`` froze nothing.
+    """GG401 requires-grad-typo: a misspelt requires_grad froze nothing.
 
     **What it detects.** An attribute whose name is a near miss of ``requires_grad``
     (``requres_grad``, ``require_grad``, ``requires_grads``, ``requiresgrad``,
