@@ -347,3 +347,18 @@ def test_detector_state_round_trips():
     other.load_state_dict(state)
     assert other.flagged_updates == 3
     assert state == {"flagged_updates": 3}
+
+
+def test_lazy_modules_are_tracked_once_materialised():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = _data()
+    with gradguard.Guard(model, policy="collect") as guard:
+        model(x)  # materialise before the optimizer is made, as usual with lazy modules
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        guard.add_optimizer(opt)
+        for _ in range(STEPS):
+            _loss(model, x, y).backward()
+            opt.step()
+    assert [f.code for f in guard.findings] == ["GG101"]
+    assert "0.weight" in guard.findings[0].data["parameters"]

@@ -130,8 +130,8 @@ class MissingZeroGrad(Detector):
         rec = self._records.get(id(param))
         if rec is not None and rec.param_ref() is param:
             return rec
-        if not param.requires_grad or not param.is_leaf:
-            return None
+        if not param.requires_grad or not param.is_leaf or torch.nn.parameter.is_lazy(param):
+            return None  # a lazy parameter is tracked once materialised, at its optimizer's step
         rec = _Record(param, self.guard.param_name(param))
         self._records[id(param)] = rec
         self.add_handle(param.register_hook(self.guarded(self._make_pre_hook(rec))))
