@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from gradguard.detector import Detector
+from gradguard.detectors.graph_retained import GraphRetained
 from gradguard.detectors.missing_zero_grad import MissingZeroGrad
 from gradguard.errors import ConfigurationError
 from gradguard.rules import RULES, resolve
 
-DETECTORS: tuple[type[Detector], ...] = (MissingZeroGrad,)
+DETECTORS: tuple[type[Detector], ...] = (MissingZeroGrad, GraphRetained)
 
-__all__ = ["DETECTORS", "MissingZeroGrad", "detector_class"]
+__all__ = ["DETECTORS", "GraphRetained", "MissingZeroGrad", "detector_class"]
 
 
 def detector_class(code_or_name: str) -> type[Detector]:
