@@ -33,6 +33,7 @@ _EVERY_CHECK_UNTIL = 32  # check at every boundary at first, then every _CHECK_E
 _CHECK_EVERY = 8
 _MUTATORS = frozenset({"append", "extend", "insert", "appendleft", "extendleft", "add", "update", "setdefault"})
 _CO_OPTIMIZED = 0x0001
+_STORES = frozenset({"STORE_FAST", "STORE_NAME", "STORE_GLOBAL", "STORE_DEREF"})
 _SITE = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
 
 
@@ -173,7 +174,7 @@ class GraphRetained(Detector):
         self._pending: dict[tuple[Any, ...], Finding] = {}  # iteration findings, decided at close
         self._grad_marks: dict[int, tuple[int, int] | None] = {}
         self._max_spans: dict[tuple[Any, ...], int] = {}
-        self._site_cache: dict[tuple[CodeType, str, bool], int | None] = {}
+        self._site_cache: dict[tuple[CodeType, str], _Sites] = {}
 
     def teardown(self) -> None:
         self._optimizers.clear()
@@ -319,7 +320,8 @@ class GraphRetained(Detector):
                 carried.append((value, _Span(span.lo, now, span.first, carried=True)))
         stamp = (self._token, self._round, self._group, origin_round, origin_group)
         for t in outputs:
-            t.grad_fn.metadata[_KEY] = stamp  # type: ignore[union-attr]
+            node: Any = t.grad_fn
+            node.metadata[_KEY] = stamp
         if not carried:
             return None
         return self._report_carried(module, carried, iterations)
@@ -506,18 +508,27 @@ class GraphRetained(Detector):
             if place.frame_file:
                 return Location(place.frame_file, place.frame_line, place.frame_function)
             return None
-        if place.frame_code is None:
+        code = place.frame_code
+        if code is None:
             return None
-        line = self._site_line(place.frame_code, place.where, place.kind in ("list", "dict", "deque"))
+        sites = self._sites(code, place.where)
+        if place.kind in ("list", "dict", "deque") and not sites.mutated:
+            # a global container filled by a function: point at the line in that function
+            for frame in _user_frames():
+                other = self._sites(frame.f_code, place.where)
+                if other.mutated and frame.f_code is not code:
+                    return Location(_display_path(frame.f_code.co_filename), other.mutated[-1], frame.f_code.co_name)
+        line = sites.best(container=place.kind in ("list", "dict", "deque"))
         return Location(place.frame_file, line or place.frame_line, place.frame_function)
 
-    def _site_line(self, code: CodeType, name: str, container: bool) -> int | None:
-        cache_key = (code, name, container)
-        if cache_key not in self._site_cache:
+    def _sites(self, code: CodeType, name: str) -> _Sites:
+        cache_key = (code, name)
+        sites = self._site_cache.get(cache_key)
+        if sites is None:
             if len(self._site_cache) > 4096:
                 self._site_cache.clear()
-            self._site_cache[cache_key] = _assignment_line(code, name, container)
-        return self._site_cache[cache_key]
+            sites = self._site_cache[cache_key] = _assignment_sites(code, name)
+        return sites
 
     def _locate_attribute(self, place: _Place, attr: str, owner: Any) -> None:
         """Point at the line that adds to the attribute: in the user's frames or the owner's methods."""
@@ -535,7 +546,7 @@ class GraphRetained(Detector):
         for code in codes:
             if _is_library_file(code.co_filename):
                 continue
-            line = self._site_line(code, "." + attr, True)
+            line = self._sites(code, "." + attr).best(container=True)
             if line is not None:
                 place.frame_file = _display_path(code.co_filename)
                 place.frame_line = line
@@ -689,21 +700,33 @@ def _set_frame(place: _Place, frame: FrameType) -> None:
     place.frame_function = frame.f_code.co_name
 
 
-def _assignment_line(code: CodeType, name: str, container: bool) -> int | None:
-    """The source line that put a graph into ``name``, found in the bytecode.
+@dataclasses.dataclass
+class _Sites:
+    """The lines that store into a name: ``total += ...``, ``name = ...``, ``name.append(...)``."""
 
-    For a variable: an augmented assignment (``total += loss``) first, else the last plain
-    assignment that does not store a constant or an empty container. For a container (or
-    an attribute, written ``.attr``): the line that appends to it, else its assignment.
-    A name stored nowhere in ``code`` gives ``None``.
+    augmented: list[int]
+    plain: list[int]
+    mutated: list[int]
+
+    def best(self, *, container: bool) -> int | None:
+        """For a container, the line that adds to it; else an augmented, then a plain assignment."""
+        for lines in (self.mutated, self.augmented, self.plain) if container else (self.augmented, self.plain):
+            if lines:
+                return lines[-1]
+        return None
+
+
+def _assignment_sites(code: CodeType, name: str) -> _Sites:
+    """Find in the bytecode of ``code`` (and its nested functions, for ``.attr``) where ``name`` is set.
+
+    Stores of a constant or of an empty container (``total = 0``, ``history = []``) are
+    left out: they never put a graph there. ``name`` is ``".attr"`` for an attribute.
     """
     attribute = name.startswith(".")
     target = name[1:] if attribute else name
+    sites = _Sites([], [], [])
     instructions = list(dis.get_instructions(code))
     line = code.co_firstlineno
-    augmented: list[int] = []
-    plain: list[int] = []
-    mutated: list[int] = []
     for i, ins in enumerate(instructions):
         lineno = getattr(ins, "line_number", None)
         if lineno is None:
@@ -713,41 +736,31 @@ def _assignment_line(code: CodeType, name: str, container: bool) -> int | None:
             lineno = ins.starts_line
         if lineno is not None:
             line = lineno
-        loads_target = (ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and ins.argval == target and attribute) or (
-            ins.opname in ("LOAD_FAST", "LOAD_NAME", "LOAD_GLOBAL", "LOAD_DEREF") and ins.argval == target
-        )
-        if loads_target:
+        if ins.argval != target:
+            continue
+        if ins.opname in ("LOAD_ATTR", "LOAD_METHOD") if attribute else ins.opname.startswith("LOAD_"):
             nxt = instructions[i + 1] if i + 1 < len(instructions) else None
             if nxt is not None and nxt.opname in ("LOAD_ATTR", "LOAD_METHOD") and nxt.argval in _MUTATORS:
-                mutated.append(line)
+                sites.mutated.append(line)
             continue
-        stores = (
-            ins.opname == "STORE_ATTR" if attribute else ins.opname.startswith("STORE_") and ins.opname != "STORE_ATTR"
-        )
-        if not stores or ins.argval != target or ins.opname == "STORE_SUBSCR":
+        if not (ins.opname == "STORE_ATTR" if attribute else ins.opname in _STORES):
             continue
         prev = instructions[i - 1] if i else None
-        if prev is not None and (
-            prev.opname.startswith("INPLACE_") or (prev.opname == "BINARY_OP" and "=" in prev.argrepr)
-        ):
-            augmented.append(line)
-        elif prev is not None and (
-            prev.opname == "LOAD_CONST" or (prev.opname in ("BUILD_LIST", "BUILD_MAP", "BUILD_TUPLE") and prev.arg == 0)
+        if prev is None:
+            sites.plain.append(line)
+        elif prev.opname.startswith("INPLACE_") or (prev.opname == "BINARY_OP" and "=" in prev.argrepr):
+            sites.augmented.append(line)
+        elif prev.opname == "LOAD_CONST" or (
+            prev.opname in ("BUILD_LIST", "BUILD_MAP", "BUILD_TUPLE") and prev.arg == 0
         ):
             continue
         else:
-            plain.append(line)
-    if container and mutated:
-        return mutated[-1]
-    if augmented:
-        return augmented[-1]
-    if plain:
-        return plain[-1]
-    if attribute and mutated:
-        return mutated[-1]
-    for const in code.co_consts:
-        if isinstance(const, CodeType):
-            found = _assignment_line(const, name, container) if attribute else None
-            if found is not None:
-                return found
-    return None
+            sites.plain.append(line)
+    if attribute:
+        for const in code.co_consts:
+            if isinstance(const, CodeType):
+                inner = _assignment_sites(const, name)
+                sites.augmented += inner.augmented
+                sites.plain += inner.plain
+                sites.mutated += inner.mutated
+    return sites
