@@ -174,6 +174,7 @@ class GraphRetained(Detector):
         self._pending: dict[tuple[Any, ...], Finding] = {}  # iteration findings, decided at close
         self._grad_marks: dict[int, tuple[int, int] | None] = {}
         self._max_spans: dict[tuple[Any, ...], int] = {}
+        self._seen: dict[tuple[Any, ...], int] = {}
         self._site_cache: dict[tuple[CodeType, str], _Sites] = {}
 
     def teardown(self) -> None:
@@ -206,7 +207,7 @@ class GraphRetained(Detector):
         self._group += 1
         self._group_members = {id(module)}
         if self._due(self._group):
-            self._stash(self._check(iterations=True))
+            self._check(iterations=True)  # iteration findings wait for the end of the run
         return None
 
     def on_step_post(self, optimizer: torch.optim.Optimizer) -> Findings:
@@ -219,7 +220,6 @@ class GraphRetained(Detector):
         for key, finding in self._pending.items():
             self.flagged_places += 1
             self._reported[key] = finding
-            self._max_spans.setdefault(key, finding.data.get("steps_spanned", 0))
             out.append(finding)
         self._pending.clear()
         return out
@@ -255,6 +255,7 @@ class GraphRetained(Detector):
             # training: optimizer steps, not model calls, are the unit of history
             self._pending.clear()
             self._previous.clear()
+            self._seen.clear()
         rec = self._register_optimizer(optimizer)
         if self._calls <= 2:
             self._discover_optimizers()
@@ -427,30 +428,28 @@ class GraphRetained(Detector):
 
     # ---------------------------------------------------------------- findings
     def _deliver(self, findings: list[Finding], iterations: bool) -> list[Finding]:
-        if iterations:
-            self._stash(findings)
-            return []
+        """Record new findings; a place seen again at a later epoch counts once more."""
         out = []
         for f in findings:
             key = f.data.pop("_key")
-            if key in self._reported:
+            latest = f.data["last_step"]
+            if self._seen.get(key, -1) >= latest:
+                continue  # already counted for this epoch (at the model call, then at the step)
+            self._seen[key] = latest
+            self._max_spans[key] = max(self._max_spans.get(key, 0), f.data["steps_spanned"])
+            if iterations:
+                known = self._pending.get(key)
+                if known is None:
+                    self._pending[key] = f
+                else:
+                    known.count += 1
+            elif key in self._reported:
                 out.append(dataclasses.replace(self._reported[key], count=1))
-                continue
-            self._reported[key] = f
-            self._max_spans[key] = max(self._max_spans.get(key, 0), f.data["steps_spanned"])
-            self.flagged_places += 1
-            out.append(f)
-        return out
-
-    def _stash(self, findings: list[Finding]) -> None:
-        for f in findings:
-            key = f.data.pop("_key")
-            known = self._pending.get(key)
-            self._max_spans[key] = max(self._max_spans.get(key, 0), f.data["steps_spanned"])
-            if known is None:
-                self._pending[key] = f
             else:
-                known.count += 1
+                self._reported[key] = f
+                self.flagged_places += 1
+                out.append(f)
+        return out
 
     def _finding_for(self, place: _Place, iterations: bool) -> Finding:
         unit = "iteration" if iterations else "step"
