@@ -33,6 +33,7 @@ _EVERY_CHECK_UNTIL = 32  # check at every boundary at first, then every _CHECK_E
 _CHECK_EVERY = 8
 _MUTATORS = frozenset({"append", "extend", "insert", "appendleft", "extendleft", "add", "update", "setdefault"})
 _CO_OPTIMIZED = 0x0001
+_HOLDERS = (torch.Tensor, list, tuple, dict, deque)
 _STORES = frozenset({"STORE_FAST", "STORE_NAME", "STORE_GLOBAL", "STORE_DEREF"})
 _SITE = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
 
@@ -279,7 +280,7 @@ class GraphRetained(Detector):
             for _name, value in _frame_items(frame):
                 candidates = [value]
                 if _name == "self" and not isinstance(value, torch.nn.Module):
-                    candidates = list(_object_attrs(value).values())
+                    candidates = [v for _, v in _object_attrs_any(value)]
                 for obj in candidates:
                     if isinstance(obj, torch.optim.Optimizer) and id(obj) not in self._optimizers:
                         self._register_optimizer(obj)
@@ -354,26 +355,37 @@ class GraphRetained(Detector):
         frames = _user_frames()
         for frame in frames:
             for name, value in _frame_items(frame):
-                if name.startswith("__") or isinstance(value, torch.nn.Module):
-                    continue
-                if name == "self" and not isinstance(value, torch.Tensor):
-                    for attr, inner in _object_attrs(value).items():
-                        self._look(
-                            places, ("self", type(value).__qualname__, attr), f"self.{attr}", inner, budget, frame
-                        )
-                    continue
-                self._look(places, _frame_key(frame, name), name, value, budget, frame)
+                if isinstance(value, _HOLDERS):
+                    span = self._span(value, budget)
+                    if span is not None and not name.startswith("__"):
+                        place = _Place(_frame_key(frame, name), name, _kind(value), span)
+                        _set_frame(place, frame)
+                        places.append(place)
+                elif name == "self" and not isinstance(value, torch.nn.Module):
+                    for attr, inner in _object_attrs(value):
+                        span = self._span(inner, budget)
+                        if span is not None:
+                            key = ("self", type(value).__qualname__, attr)
+                            place = _Place(key, f"self.{attr}", "attribute", span)
+                            _set_frame(place, frame)
+                            self._locate_attribute(place, attr, None)
+                            places.append(place)
         top = frames[0] if frames else None
         for model in self.guard.models():
-            base = _name_in(model, top) or type(model).__name__
             for count, (sub_name, sub) in enumerate(model.named_modules()):
                 if count >= _MAX_MODULES:
                     break
-                for attr, value in _object_attrs(sub).items():
-                    if attr == "training":
+                for attr, value in _object_attrs(sub):
+                    span = self._span(value, budget)
+                    if span is None:
                         continue
+                    base = _name_in(model, top) or type(model).__name__
                     path = ".".join(p for p in (base, sub_name, attr) if p)
-                    self._look(places, ("attr", path), path, value, budget, top, owner=sub)
+                    place = _Place(("attr", path), path, "attribute", span)
+                    if top is not None:
+                        _set_frame(place, top)
+                    self._locate_attribute(place, attr, sub)
+                    places.append(place)
         del frames, top
         previous, self._previous = self._previous, {}
         out = []
@@ -399,32 +411,17 @@ class GraphRetained(Detector):
                 out.append(self._finding_for(place, iterations))
         return self._deliver(out, iterations)
 
-    def _look(
-        self,
-        places: list[_Place],
-        key: tuple[Any, ...],
-        where: str,
-        value: Any,
-        budget: list[int],
-        frame: FrameType | None,
-        owner: Any = None,
-    ) -> None:
+    def _span(self, value: Any, budget: list[int]) -> _Span | None:
+        """The epochs whose graphs ``value`` reaches, or ``None`` if it holds no stamped graph."""
         if budget[0] <= 0:
-            return
+            return None
         roots = [t.grad_fn for t in _graph_tensors(value, depth=2) if t.grad_fn is not None]
         if not roots:
-            return
+            return None
         found = _walk(roots, self._token, min(_NODE_BUDGET, budget[0]), budget)
         if found is None:
-            return
-        span = found[1] if self._calls == 0 else found[0]
-        kind = "attribute" if owner is not None or where.startswith("self.") else _kind(value)
-        place = _Place(key, where, kind, span)
-        if frame is not None:
-            _set_frame(place, frame)
-        if kind == "attribute":
-            self._locate_attribute(place, where.rsplit(".", 1)[-1], owner)
-        places.append(place)
+            return None
+        return found[1] if self._calls == 0 else found[0]
 
     # ---------------------------------------------------------------- findings
     def _deliver(self, findings: list[Finding], iterations: bool) -> list[Finding]:
@@ -669,13 +666,21 @@ def _frame_items(frame: FrameType) -> list[tuple[str, Any]]:
     return items
 
 
-def _object_attrs(obj: Any) -> dict[str, Any]:
-    """An object's own public attributes (for a module: not its parameters, buffers or children)."""
+def _object_attrs(obj: Any) -> list[tuple[str, Any]]:
+    """An object's own public attributes that may hold graphs (for a module: not its
+    parameters, buffers or children, which live in private dictionaries)."""
     try:
         attrs = vars(obj)
     except TypeError:
-        return {}
-    return {k: v for k, v in attrs.items() if isinstance(k, str) and not k.startswith("_")}
+        return []
+    return [(k, v) for k, v in attrs.items() if isinstance(k, str) and k[:1] != "_" and isinstance(v, _HOLDERS)]
+
+
+def _object_attrs_any(obj: Any) -> list[tuple[str, Any]]:
+    try:
+        return [(k, v) for k, v in vars(obj).items() if isinstance(k, str)]
+    except TypeError:
+        return []
 
 
 def _name_in(obj: Any, frame: FrameType | None) -> str | None:
