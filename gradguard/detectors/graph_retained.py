@@ -33,6 +33,7 @@ _EVERY_CHECK_UNTIL = 32  # check at every boundary at first, then every _CHECK_E
 _CHECK_EVERY = 8
 _MUTATORS = frozenset({"append", "extend", "insert", "appendleft", "extendleft", "add", "update", "setdefault"})
 _CO_OPTIMIZED = 0x0001
+_SIMPLE_LOADS = frozenset({"LOAD_FAST", "LOAD_NAME", "LOAD_GLOBAL", "LOAD_DEREF"})
 _HOLDERS = (torch.Tensor, list, tuple, dict, deque)
 _STORES = frozenset({"STORE_FAST", "STORE_NAME", "STORE_GLOBAL", "STORE_DEREF"})
 _SITE = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
@@ -528,26 +529,26 @@ class GraphRetained(Detector):
 
     def _locate_attribute(self, place: _Place, attr: str, owner: Any) -> None:
         """Point at the line that adds to the attribute: in the user's frames or the owner's methods."""
-        codes: list[CodeType] = []
-        for frame in _user_frames():
-            codes.append(frame.f_code)
+        codes = [frame.f_code for frame in _user_frames()]
         if owner is not None:
             for klass in type(owner).__mro__:
                 if klass.__module__.startswith("torch."):
                     break
-                for fn in vars(klass).values():
-                    code = getattr(fn, "__code__", None)
-                    if isinstance(code, CodeType):
-                        codes.append(code)
-        for code in codes:
-            if _is_library_file(code.co_filename):
-                continue
-            line = self._sites(code, "." + attr).best(container=True)
-            if line is not None:
-                place.frame_file = _display_path(code.co_filename)
-                place.frame_line = line
-                place.frame_function = code.co_name
-                return
+                codes += [
+                    fn.__code__ for fn in vars(klass).values() if isinstance(getattr(fn, "__code__", None), CodeType)
+                ]
+        codes = [code for code in codes if not _is_library_file(code.co_filename)]
+        for container in (True, False):  # a line that appends to it anywhere, else an assignment
+            for code in codes:
+                sites = self._sites(code, "." + attr)
+                line = sites.mutated[-1] if container and sites.mutated else None
+                if not container:
+                    line = sites.best(container=False)
+                if line is not None:
+                    place.frame_file = _display_path(code.co_filename)
+                    place.frame_line = line
+                    place.frame_function = code.co_name
+                    return
 
 
 # -------------------------------------------------------------------- helpers
@@ -750,6 +751,8 @@ def _assignment_sites(code: CodeType, name: str) -> _Sites:
         if not (ins.opname == "STORE_ATTR" if attribute else ins.opname in _STORES):
             continue
         prev = instructions[i - 1] if i else None
+        if attribute and prev is not None and prev.opname in _SIMPLE_LOADS:
+            prev = instructions[i - 2] if i > 1 else None  # obj.attr = value: value, obj, STORE_ATTR
         if prev is None:
             sites.plain.append(line)
         elif prev.opname.startswith("INPLACE_") or (prev.opname == "BINARY_OP" and "=" in prev.argrepr):
