@@ -5,6 +5,7 @@ from __future__ import annotations
 from gradguard.detector import Detector
 from gradguard.detectors.frozen_norm_stats import FrozenNormStats
 from gradguard.detectors.frozen_param_updated import FrozenParamUpdated
+from gradguard.detectors.graph_retained import GraphRetained
 from gradguard.detectors.missing_zero_grad import MissingZeroGrad
 from gradguard.detectors.param_not_in_optimizer import ParamNotInOptimizer
 from gradguard.detectors.param_without_grad import ParamWithoutGrad
@@ -14,6 +15,7 @@ from gradguard.rules import RULES, resolve
 
 DETECTORS: tuple[type[Detector], ...] = (
     MissingZeroGrad,
+    GraphRetained,
     RequiresGradTypo,
     FrozenParamUpdated,
     ParamNotInOptimizer,
@@ -25,6 +27,7 @@ __all__ = [
     "DETECTORS",
     "FrozenNormStats",
     "FrozenParamUpdated",
+    "GraphRetained",
     "MissingZeroGrad",
     "ParamNotInOptimizer",
     "ParamWithoutGrad",
