@@ -283,6 +283,11 @@ class GraphRetained(Detector):
                 if _name == "self" and not isinstance(value, torch.nn.Module):
                     candidates = [v for _, v in _object_attrs_any(value)]
                 for obj in candidates:
+                    # a wrapper such as Lightning's LightningOptimizer shares the hooks of the
+                    # optimizer it wraps: watch the wrapped one, never the wrapper
+                    inner = getattr(obj, "_optimizer", None)
+                    if isinstance(inner, torch.optim.Optimizer):
+                        obj = inner
                     if isinstance(obj, torch.optim.Optimizer) and id(obj) not in self._optimizers:
                         self._register_optimizer(obj)
                         if not self.guard.global_hooks and id(obj) not in known and id(obj) not in self._hooked:

@@ -19,7 +19,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from gradguard._frames import user_location
 from gradguard.findings import Finding, Severity
 from gradguard.guard import DetectorSpec, Guard
 from gradguard.policy import Policy
@@ -40,9 +39,10 @@ class GradGuardCallback(Callback):
             ``Trainer``'s loggers once per run, on rank zero.
 
     After ``fit``, :attr:`findings` holds the findings, as :class:`gradguard.Finding`.
-    Besides the core detectors, the callback reports torchmetrics ``Metric`` list states
-    that hold autograd graphs (``GG201``) or that are never reset and grow from epoch to
-    epoch (``GG301``), naming the metric's attribute.
+    Besides the core detectors (``GG201`` already sees a torchmetrics ``Metric`` whose list
+    states hold autograd graphs, through the module's attributes), the callback reports
+    metric list states that are never reset and grow from epoch to epoch (``GG301``),
+    naming the metric's attribute.
 
     Example:
         >>> from gradguard.lightning import GradGuardCallback
@@ -139,24 +139,6 @@ class GradGuardCallback(Callback):
         self._check_metric_growth(trainer)
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._check_metric_graphs()
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._check_metric_graphs()
-
-    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._finish(trainer)
 
@@ -202,20 +184,6 @@ class GradGuardCallback(Callback):
         if self.guard is not None and self.guard.attached:
             self.guard.emit(None, [finding])
 
-    def _check_metric_graphs(self) -> None:
-        for path, ref in self._metrics:
-            metric = ref()
-            if metric is None:
-                continue
-            for state in _list_states(metric):
-                values = getattr(metric, state, None)
-                if not values or (path, state, "GG201") in self._metric_flagged:
-                    continue
-                last = values[-1]
-                if isinstance(last, torch.Tensor) and last.grad_fn is not None:
-                    self._metric_flagged.add((path, state, "GG201"))
-                    self._emit(_metric_graph_finding(path, state, len(values)))
-
     def _check_metric_growth(self, trainer: pl.Trainer) -> None:
         for path, ref in self._metrics:
             metric = ref()
@@ -248,22 +216,6 @@ def _find_metrics(module: torch.nn.Module) -> list[tuple[str, weakref.ref[Any]]]
 
 def _list_states(metric: Any) -> list[str]:
     return [name for name, default in getattr(metric, "_defaults", {}).items() if isinstance(default, list)]
-
-
-def _metric_graph_finding(path: str, state: str, size: int) -> Finding:
-    return Finding(
-        code="GG201",
-        name="graph-retained",
-        severity=Severity.WARNING,
-        message=(
-            f"torchmetrics metric `{path}` keeps tensors with their autograd graph in its list state "
-            f"`{state}` ({size} entries): every update keeps that step's graph and activations alive"
-        ),
-        hint=f"Pass detached tensors to the metric: self.{path}.update(preds.detach(), target)",
-        location=user_location(),
-        where=f"{path}.{state}",
-        data={"metric": path, "state": state, "entries": size},
-    )
 
 
 def _metric_growth_finding(path: str, state: str, values: list[Any], epoch: int) -> Finding:
