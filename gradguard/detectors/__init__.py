@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from gradguard.detector import Detector
+from gradguard.detectors.memory_growth import MemoryGrowth
 from gradguard.detectors.missing_zero_grad import MissingZeroGrad
 from gradguard.errors import ConfigurationError
 from gradguard.rules import RULES, resolve
 
-DETECTORS: tuple[type[Detector], ...] = (MissingZeroGrad,)
+DETECTORS: tuple[type[Detector], ...] = (MissingZeroGrad, MemoryGrowth)
 
-__all__ = ["DETECTORS", "MissingZeroGrad", "detector_class"]
+__all__ = ["DETECTORS", "MemoryGrowth", "MissingZeroGrad", "detector_class"]
 
 
 def detector_class(code_or_name: str) -> type[Detector]:
