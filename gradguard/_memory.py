@@ -8,6 +8,7 @@ and only then takes a :func:`take_census` of the live tensors twice and names, t
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import inspect
@@ -31,6 +32,7 @@ MiB = 1 << 20
 
 #: The memory signals the sampler records, and how a report names them.
 SIGNALS: dict[str, str] = {
+    "heap": "host memory in use (malloc)",
     "rss": "host memory (RSS)",
     "cuda_allocated": "CUDA memory allocated",
     "cuda_reserved": "CUDA memory reserved",
@@ -51,19 +53,59 @@ def format_bytes(n: float) -> str:
 
 
 # --------------------------------------------------------------------------- sampling
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _mallinfo2() -> Any:
+    """glibc's ``mallinfo2`` (glibc >= 2.33), or ``None`` elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    fn.argtypes = []
+    return fn
+
+
 class MemorySampler:
     """Reads memory counters without synchronising anything.
 
-    Host: the process's resident set size through psutil. CUDA, once the program itself
+    Host: the process's resident set size through psutil and, with glibc, the bytes
+    malloc has handed out and not taken back (``mallinfo2``: heap in use plus mmapped
+    blocks), which is where CPU tensors live. Unlike RSS, it grows with a leak even
+    while malloc recycles pages that earlier work freed. CUDA, once the program itself
     has initialised CUDA: the caching allocator's counters (allocated, reserved, peak),
     which are host-side bookkeeping and never wait for the device.
     """
 
     def __init__(self) -> None:
         self._process = psutil.Process()
+        self._mallinfo = _mallinfo2()
         self.cuda_device: int | None = None
 
+    @property
+    def has_heap(self) -> bool:
+        return self._mallinfo is not None
+
     def sample(self) -> dict[str, int]:
+        """RSS and, when the program uses CUDA, the allocator's counters. A few microseconds."""
         out = {"rss": int(self._process.memory_info().rss)}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             if self.cuda_device is None:
@@ -74,10 +116,18 @@ class MemorySampler:
             out["cuda_peak"] = int(stats.get("allocated_bytes.all.peak", 0))
         return out
 
+    def heap(self) -> int | None:
+        """Bytes malloc has handed out. Cheap on a tidy heap; it walks the free lists, so
+        a heap with many free chunks makes it slower: the caller schedules it."""
+        if self._mallinfo is None:
+            return None
+        info = self._mallinfo()
+        return int(info.uordblks + info.hblkhd)
+
     def headroom(self, signal: str) -> tuple[int, int] | None:
         """(bytes still free, total bytes) for the memory a signal lives in."""
         try:
-            if signal == "rss":
+            if signal in ("rss", "heap"):
                 vm = psutil.virtual_memory()
                 return int(vm.available), int(vm.total)
             if self.cuda_device is not None:
@@ -261,7 +311,7 @@ class Census:
 
 def take_census(step: int) -> Census:
     """Count the live tensors by group; storages shared by views count once."""
-    gc.collect()  # cyclic garbage waiting for the collector is not a leak
+    gc.collect(1)  # young cyclic garbage waiting for the collector is not a leak; a full pass costs too much
     counts: dict[GroupKey, int] = {}
     nbytes: dict[GroupKey, int] = {}
     ids: dict[GroupKey, set[int]] = {}

@@ -213,6 +213,9 @@ def _environment(report: dict[str, Any], memory: dict[str, Any] | None) -> str:
 
 
 # --------------------------------------------------------------------------- the plot
+_COLOURS = ("#2f6fdb", "#7a8699", "#12a594")
+
+
 def _el(tag: str, text: str = "", **attrs: Any) -> str:
     """An SVG element; attribute names use ``_`` for ``-``; numbers are rounded."""
     parts = []
@@ -228,14 +231,19 @@ def memory_plot(memory: dict[str, Any], width: int = 960, height: int = 320) -> 
     series = memory.get("series") or {}
     xs = [float(v) for v in series.get("step") or []]
     trends = memory.get("trends") or []
-    signals = [s for s in ("cuda_allocated", "rss") if len(series.get(s) or []) == len(xs)]
+    signals = [
+        s
+        for s in ("cuda_allocated", "heap", "rss")
+        if len(series.get(s) or []) == len(xs) and sum(v is not None for v in series[s]) >= 2
+    ]
     if trends and trends[0].get("signal") in signals:
         signals.remove(trends[0]["signal"])
         signals.insert(0, trends[0]["signal"])
     if not xs or not signals:
         return '<p class="muted">No memory samples.</p>'
     signal = signals[0]
-    ys = [float(v) / MiB for v in series[signal]]
+    columns = {s: [(x, float(v) / MiB) for x, v in zip(xs, series[s], strict=True) if v is not None] for s in signals}
+    ys = [y for column in columns.values() for _, y in column]
     names = memory.get("signals") or {}
     left, right, top, bottom = 70, 20, 20, 42
     pw, ph = width - left - right, height - top - bottom
@@ -285,8 +293,9 @@ def memory_plot(memory: dict[str, Any], width: int = 960, height: int = 320) -> 
     out.append(_el("text", clock, x=left + pw / 2, y=height - 6, text_anchor="middle"))
     mid = top + ph / 2
     out.append(_el("text", "MiB", x=14, y=mid, transform=f"rotate(-90 14 {mid:.1f})", text_anchor="middle"))
-    points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys, strict=True))
-    out.append(_el("polyline", points=points, fill="none", stroke="#2f6fdb", stroke_width="1.8"))
+    for s_name, colour in zip(signals, _COLOURS, strict=False):
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in columns[s_name])
+        out.append(_el("polyline", points=points, fill="none", stroke=colour, stroke_width="1.8"))
     for a, b, slope, icpt in lines:
         ya, yb = py(slope * a + icpt), py(slope * b + icpt)
         out.append(_el("line", x1=px(a), y1=ya, x2=px(b), y2=yb, stroke="#d92d20", stroke_width="2.5"))
@@ -294,9 +303,12 @@ def memory_plot(memory: dict[str, Any], width: int = 960, height: int = 320) -> 
             ye = py(slope * x1 + icpt)
             dashed = {"stroke": "#d92d20", "stroke_width": "1.5", "stroke_dasharray": "5 4"}
             out.append(_el("line", x1=px(b), y1=yb, x2=px(x1), y2=ye, **dashed))
-    legend_y = top + ph - 30
-    out.append(_el("line", x1=left + 10, x2=left + 34, y1=legend_y, y2=legend_y, stroke="#2f6fdb", stroke_width="2"))
-    out.append(_el("text", _e(names.get(signal, signal)), x=left + 40, y=legend_y + 4))
+    legend_y = top + ph - 12 - 18 * len(signals[: len(_COLOURS)]) - (18 if lines else 0) + 18
+    for s_name, colour in zip(signals, _COLOURS, strict=False):
+        out.append(_el("line", x1=left + 10, x2=left + 34, y1=legend_y, y2=legend_y, stroke=colour, stroke_width="2"))
+        out.append(_el("text", _e(names.get(s_name, s_name)), x=left + 40, y=legend_y + 4))
+        legend_y += 18
+    legend_y -= 18
     if lines:
         legend_y += 18
         trend = f"detected trend: {lines[0][2]:+,.2f} MiB per {clock}"

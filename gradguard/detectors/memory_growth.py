@@ -20,6 +20,9 @@ _GRAPH_HINT = (
 )
 
 
+_HOST = ("heap", "rss")
+
+
 class _Suspicion:
     """A growth seen in a window, waiting for the confirmation window and the second census."""
 
@@ -127,7 +130,7 @@ class MemoryGrowth(Detector):
         self.trends: list[dict[str, Any]] = []
         self._sampler = mem.MemorySampler()
         self._clock = "iteration"  # becomes "step" once an optimizer steps
-        self._series: dict[str, list[int]] = {"step": []}
+        self._series: dict[str, list[int | None]] = {"step": []}
         self._record_stride = 1  # the series keeps every n-th sample (bounded length)
         self._max_points = 2048
         self._seen = 0
@@ -141,12 +144,15 @@ class MemoryGrowth(Detector):
         self._census_steps: list[int] = []
         self._peak: dict[str, int] = {}
         self._headroom: dict[str, list[int]] = {}
-        # schedule: sample every `_stride`-th event when steps are far shorter than a sample
+        # schedule: sample every `_stride`-th event when steps are far shorter than a sample,
+        # and read the heap counter every `_heap_every`-th sample when it costs more than that
         self._stride = 1
+        self._heap_every = 1
         self._since_sample = 0
         self._last_event = 0.0
         self._dt = 0.0
         self._cost = 0.0
+        self._heap_cost = 0.0
         self._events = 0
 
     def teardown(self) -> None:
@@ -189,21 +195,25 @@ class MemoryGrowth(Detector):
     def _tick(self, x: int) -> Findings:
         now = time.perf_counter()
         if self._last_event:
-            dt = now - self._last_event
-            self._dt = dt if not self._dt else 0.9 * self._dt + 0.1 * dt
+            self._dt = _ema(self._dt, now - self._last_event)
         self._last_event = now
         self._events += 1
         if self._events % 32 == 0 and self._dt > 0:
-            # keep sampling under ~2% of a step: only very short steps get a stride
-            self._stride = max(1, min(16, int(self._cost * 50 / self._dt)))
+            # keep sampling under ~5% of a step: only very short steps get a stride
+            self._stride = max(1, min(16, int(self._cost * 20 / self._dt)))
+            self._heap_every = max(1, min(64, int(self._heap_cost * 20 / (self._dt * self._stride))))
         self._since_sample += 1
         if self._since_sample < self._stride and self._suspicion is None:
             return None
         self._since_sample = 0
         sample = self._sampler.sample()
-        self._cost = (
-            time.perf_counter() - now if not self._cost else 0.9 * self._cost + 0.1 * (time.perf_counter() - now)
-        )
+        took = time.perf_counter()
+        self._cost = _ema(self._cost, took - now)
+        if self._sampler.has_heap and self._seen % self._heap_every == 0:
+            heap = self._sampler.heap()
+            if heap is not None:
+                sample["heap"] = heap
+            self._heap_cost = _ema(self._heap_cost, time.perf_counter() - took)
         self._record(x, sample)
         if x <= self.warmup:
             return None
@@ -222,15 +232,15 @@ class MemoryGrowth(Detector):
                 if key == "cuda_peak":
                     continue
                 column = series.setdefault(key, [])
-                column.extend([value] * (n + 1 - len(column)))  # a signal that appeared late
+                column.extend([None] * (n + 1 - len(column)))  # not read at every sample
                 column[n] = value
             if len(series["step"]) >= self._max_points:
-                for key in series:
-                    series[key] = series[key][::2]
+                for key, column in self._padded().items():
+                    series[key] = column[::2]
                 self._record_stride *= 2
         if x <= self.warmup:
             return
-        for signal in ("rss", "cuda_allocated"):
+        for signal in ("heap", "rss", "cuda_allocated"):
             if signal not in sample:
                 continue
             value = sample[signal]
@@ -298,9 +308,11 @@ class MemoryGrowth(Detector):
             suspicion.cuda_history = mem.start_cuda_history()
         self._suspicion = suspicion
 
-    def _reject(self, signal: str) -> None:
+    def _reject(self, signal: str, wait: int = 0) -> None:
+        """Look again later, twice as late each time (the deeper look is not free)."""
         backoff = self._backoff.get(signal, self.window)
-        self._next_check[signal] = self._seen + backoff
+        for other in _HOST if signal in _HOST else (signal,):
+            self._next_check[other] = self._seen + max(backoff, wait)
         self._backoff[signal] = min(backoff * 2, 64 * self.window)
 
     def _confirm(self, suspicion: _Suspicion, x: int) -> Findings:
@@ -336,10 +348,12 @@ class MemoryGrowth(Detector):
         growths: list[mem.Growth] = []
         if suspicion.census is not None:
             growths = self._explain(suspicion.census, x)
-        if growths and self._bounded(growths, trend, signal):
-            self._reject(signal)
-            return None
-        self.flagged.append(signal)
+        if growths:
+            fill = self._bounded(growths, signal)
+            if fill is not None:
+                self._reject(signal, wait=fill)
+                return None
+        self.flagged.extend(_HOST if signal in _HOST else (signal,))  # one host finding, from either counter
         self.trends.append(trend.to_dict())
         self._growths = [g.to_dict() for g in growths]
         self._sites = sites
@@ -376,19 +390,23 @@ class MemoryGrowth(Detector):
         kept.sort(key=lambda g: -g.per_step_bytes)
         return kept
 
-    def _bounded(self, growths: list[mem.Growth], trend: mem.Trend, signal: str) -> bool:
-        """Whether all the growth sits in bounded containers that fit in the memory left."""
-        owned = [g for g in growths if g.owners]
-        if not owned or len(owned) != len(growths):
-            return False
+    def _bounded(self, growths: list[mem.Growth], signal: str) -> int | None:
+        """Steps until full, when all the growth sits in bounded containers that fit in memory."""
+        if not all(g.owners for g in growths):
+            return None
         extra = 0.0
-        for g in owned:
+        steps = 0
+        for g in growths:
             owner = g.owners[0]
             if owner.get("maxlen") is None:
-                return False
-            extra += max(owner["maxlen"] - owner["length"], 0) * max(g.tensor_bytes, 1.0)
+                return None
+            room = max(owner["maxlen"] - owner["length"], 0)
+            extra += room * max(g.tensor_bytes, 1.0)
+            steps = max(steps, int(room / max(g.per_step_count, 1e-9)) + 1)
         headroom = self._sampler.headroom(signal)
-        return headroom is not None and extra < 0.5 * headroom[0]
+        if headroom is None or extra >= 0.5 * headroom[0]:
+            return None
+        return steps
 
     def _finding(self, trend: mem.Trend, growths: list[mem.Growth], sites: list[dict[str, Any]], x: int) -> Finding:
         label = mem.SIGNALS.get(trend.signal, trend.signal)
@@ -440,13 +458,17 @@ class MemoryGrowth(Detector):
         return self.finding(message, where=where, location=location, hint=hint, data=data)
 
     # ---------------------------------------------------------------- report
+    def _padded(self) -> dict[str, list[int | None]]:
+        n = len(self._series["step"])
+        return {k: list(v) + [None] * (n - len(v)) for k, v in self._series.items()}
+
     def report(self) -> dict[str, Any]:
         peak = dict(self._peak)
         return {
             "clock": self._clock,
             "warmup": self.warmup,
             "signals": {k: v for k, v in mem.SIGNALS.items() if k in self._series},
-            "series": {k: list(v) for k, v in self._series.items()},
+            "series": self._padded(),
             "stride": self._record_stride,
             "trends": list(self.trends),
             "census": {"steps": list(self._census_steps), "groups": list(self._growths)},
@@ -454,6 +476,13 @@ class MemoryGrowth(Detector):
             "peak": peak,
             "cuda_device": self._sampler.cuda_device,
         }
+
+
+def _ema(mean: float, value: float) -> float:
+    """A moving average that one preempted measurement cannot blow up."""
+    if not mean:
+        return value
+    return 0.9 * mean + 0.1 * min(value, 3 * mean)
 
 
 def _culprit_text(growth: mem.Growth, unit: str) -> str:
