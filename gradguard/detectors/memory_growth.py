@@ -156,6 +156,7 @@ class MemoryGrowth(Detector):
         self._events = 0
 
     def teardown(self) -> None:
+        self._sampler.close()
         if self._suspicion is not None and self._suspicion.cuda_history:
             mem.stop_cuda_history()
         self._suspicion = None
@@ -270,8 +271,10 @@ class MemoryGrowth(Detector):
         for signal, window in self._windows.items():
             if signal in self.flagged or len(window) < self.window or self._seen < self._next_check[signal]:
                 continue
-            self._next_check[signal] = self._seen + 2  # the test is cheap; every other sample will do
+            self._next_check[signal] = self._seen + 2  # every other sample will do
             recent = list(window)[-self.window :]
+            if _rise(recent) < 0.5 * self.min_growth:
+                continue  # not even the ends differ enough: skip the full test
             trend = mem.growing(
                 [p[0] for p in recent],
                 [p[1] for p in recent],
@@ -476,6 +479,13 @@ class MemoryGrowth(Detector):
             "peak": peak,
             "cuda_device": self._sampler.cuda_device,
         }
+
+
+def _rise(points: list[tuple[int, int]]) -> float:
+    """How much the last samples of a window stand above its first ones (medians of four)."""
+    head = sorted(v for _, v in points[:4])
+    tail = sorted(v for _, v in points[-4:])
+    return (tail[1] + tail[2] - head[1] - head[2]) / 2
 
 
 def _ema(mean: float, value: float) -> float:
