@@ -469,6 +469,19 @@ def graph_storages(t: torch.Tensor, *, max_nodes: int = 2000) -> dict[tuple[str,
 _MUTATE = (
     r"\s*(?:\[[^\]\n]*\]\s*=(?!=)|\.(?:append|appendleft|extend|extendleft|insert|add|update|setdefault)\s*\(|\+=)"
 )
+#: How each kind of container is added to, to prefer the line that fits the container.
+_MUTATE_BY_KIND = {
+    dict: r"\s*(?:\[[^\]\n]*\]\s*=(?!=)|\.(?:update|setdefault)\s*\()",
+    list: r"\s*(?:\.(?:append|extend|insert)\s*\(|\+=)",
+    deque: r"\s*(?:\.(?:append|appendleft|extend|extendleft|insert)\s*\(|\+=)",
+    set: r"\s*(?:\.(?:add|update)\s*\(|\|=)",
+}
+
+
+def _mutations(obj: Any) -> list[str]:
+    """The mutation patterns to try for a container, most specific first."""
+    specific = next((p for kind, p in _MUTATE_BY_KIND.items() if isinstance(obj, kind)), None)
+    return [specific, _MUTATE] if specific is not None else [_MUTATE]
 
 
 def user_frames(limit: int = 40) -> list[FrameType]:
@@ -502,7 +515,7 @@ class Namer:
         for scope, frame in self.scopes:
             for key, value in list(scope.items()):
                 if value is obj and isinstance(key, str):
-                    return key, _mutation_line(frame, key, attribute=False)
+                    return key, _mutation_line(frame, key, _mutations(obj))
         for model in self.models:
             found = self._in_model(model, obj)
             if found is not None:
@@ -515,7 +528,7 @@ class Namer:
                 if value is obj:
                     prefix = self._model_name(model)
                     name = ".".join(p for p in (prefix, path, attr) if p)
-                    return name, _attribute_line(type(module), attr)
+                    return name, _attribute_line(type(module), attr, _mutations(obj))
         return None
 
     def _model_name(self, model: torch.nn.Module) -> str:
@@ -542,19 +555,23 @@ def _search(filename: str, first: int, last: int, pattern: re.Pattern[str]) -> i
     return None
 
 
-def _mutation_line(frame: FrameType, name: str, *, attribute: bool) -> Location | None:
+def _first(filename: str, first: int, last: int, prefix: str, name: str, patterns: list[str]) -> int | None:
+    for pattern in patterns:
+        line = _search(filename, first, last, re.compile(prefix + re.escape(name) + pattern))
+        if line is not None:
+            return line
+    return None
+
+
+def _mutation_line(frame: FrameType, name: str, patterns: list[str]) -> Location | None:
     """The line in the frame's code that adds to ``name`` (``name[k] = ``, ``name.append(``)."""
     filename, first, last = _code_lines(frame)
-    prefix = r"\." if attribute else r"(?<![\w.])"
-    line = _search(filename, first, last, re.compile(prefix + re.escape(name) + _MUTATE))
-    if line is None:
-        line = _search(filename, first, last, re.compile(r"(?<![\w.])" + re.escape(name) + r"\s*=(?!=)"))
-    if line is None:
-        return Location(_display_path(filename), frame.f_lineno, frame.f_code.co_name)
-    return Location(_display_path(filename), line, frame.f_code.co_name)
+    line = _first(filename, first, last, r"(?<![\w.])", name, [*patterns, r"\s*=(?!=)"])
+    return Location(_display_path(filename), line or frame.f_lineno, frame.f_code.co_name)
 
 
-def _attribute_line(cls: type, attr: str) -> Location | None:
+def _attribute_line(cls: type, attr: str, patterns: list[str] | None = None) -> Location | None:
+    """The line in a class (or else its file) that adds to ``self.<attr>``."""
     try:
         filename = inspect.getsourcefile(cls)
         lines, first = inspect.getsourcelines(cls)
@@ -562,10 +579,10 @@ def _attribute_line(cls: type, attr: str) -> Location | None:
         return None
     if filename is None:
         return None
-    pattern = re.compile(r"\." + re.escape(attr) + _MUTATE)
-    line = _search(filename, first, first + len(lines) - 1, pattern)
+    patterns = patterns or [_MUTATE]
+    line = _first(filename, first, first + len(lines) - 1, r"\.", attr, patterns)
     if line is None:
-        line = _search(filename, 1, len(linecache.getlines(filename)), pattern)
+        line = _first(filename, 1, len(linecache.getlines(filename)), r"\.", attr, patterns)
     return Location(_display_path(filename), line or first, cls.__name__)
 
 
@@ -635,7 +652,10 @@ def _climb(container: Any, namer: Namer, ignore: set[int]) -> tuple[tuple[str, L
             if owner is not None:
                 named = namer.name(owner)
                 if named is not None and isinstance(key, str):
-                    return (f"{named[0]}.{key}", _attribute_line(type(owner), key) or named[1]), ""
+                    return (
+                        f"{named[0]}.{key}",
+                        _attribute_line(type(owner), key, _mutations(container)) or named[1],
+                    ), ""
         elif isinstance(parent, (list, tuple, deque)):
             named = namer.name(parent)
             if named is not None:

@@ -96,6 +96,10 @@ def _mib(n: Any) -> str:
         return "?"
 
 
+def _times(count: Any) -> str:
+    return "once" if count == 1 else f"{count} times"
+
+
 def _headline(report: dict[str, Any], summary: dict[str, Any]) -> str:
     n = len(report.get("findings") or [])
     bits = [
@@ -134,7 +138,7 @@ def _findings_table(findings: Sequence[dict[str, Any]]) -> str:
             f"<td><code>{_e(f.get('where', ''))}</code></td>"
             f"<td>{_e(f.get('message', ''))}</td>"
             f"<td>{_e(f.get('hint', ''))}</td>"
-            f"<td>{_e(f.get('count', 1))} times, step {_e(f.get('step', 0))}</td>"
+            f"<td>{_e(_times(f.get('count', 1)))}, from step {_e(f.get('step', 0))}</td>"
             "</tr>"
         )
     rows.append("</tbody></table>")
@@ -158,7 +162,8 @@ def _groups_table(memory: dict[str, Any]) -> str:
         label = f"[{shape}] {g.get('dtype', '')} on {g.get('device', '')}"
         if flags:
             label += f" ({', '.join(flags)})"
-        per_step = f"+{float(g.get('per_step_count', 0)):.2g} tensors, +{_mib(g.get('per_step_bytes', 0))}"
+        count = float(g.get("per_step_count", 0))
+        per_step = f"+{count:.2g} tensor{'' if count == 1 else 's'}, +{_mib(g.get('per_step_bytes', 0))}"
         if g.get("graph_bytes"):
             per_step += f" (with {_mib(g['graph_bytes'])} of autograd graph each)"
         owners = g.get("owners") or []
@@ -200,6 +205,8 @@ def _environment(report: dict[str, Any], memory: dict[str, Any] | None) -> str:
     ]
     if memory is not None:
         peak = memory.get("peak") or {}
+        if "heap" in peak:
+            items.append(("peak host memory in use (malloc)", _mib(peak["heap"])))
         if "rss" in peak:
             items.append(("peak host memory (RSS)", _mib(peak["rss"])))
         if "cuda_peak" in peak:
@@ -245,7 +252,7 @@ def memory_plot(memory: dict[str, Any], width: int = 960, height: int = 320) -> 
     columns = {s: [(x, float(v) / MiB) for x, v in zip(xs, series[s], strict=True) if v is not None] for s in signals}
     ys = [y for column in columns.values() for _, y in column]
     names = memory.get("signals") or {}
-    left, right, top, bottom = 70, 20, 20, 42
+    left, right, top, bottom = 70, 20, 30, 42
     pw, ph = width - left - right, height - top - bottom
     x0, x1 = min(xs), max(xs)
     if x1 == x0:
@@ -303,18 +310,14 @@ def memory_plot(memory: dict[str, Any], width: int = 960, height: int = 320) -> 
             ye = py(slope * x1 + icpt)
             dashed = {"stroke": "#d92d20", "stroke_width": "1.5", "stroke_dasharray": "5 4"}
             out.append(_el("line", x1=px(b), y1=yb, x2=px(x1), y2=ye, **dashed))
-    legend_y = top + ph - 12 - 18 * len(signals[: len(_COLOURS)]) - (18 if lines else 0) + 18
-    for s_name, colour in zip(signals, _COLOURS, strict=False):
-        out.append(_el("line", x1=left + 10, x2=left + 34, y1=legend_y, y2=legend_y, stroke=colour, stroke_width="2"))
-        out.append(_el("text", _e(names.get(s_name, s_name)), x=left + 40, y=legend_y + 4))
-        legend_y += 18
-    legend_y -= 18
+    # the legend sits in the top margin, in one row, clear of the data
+    lx = float(left)
+    entries = [(names.get(n, n), c, "2", "") for n, c in zip(signals, _COLOURS, strict=False)]
     if lines:
-        legend_y += 18
-        trend = f"detected trend: {lines[0][2]:+,.2f} MiB per {clock}"
-        out.append(
-            _el("line", x1=left + 10, x2=left + 34, y1=legend_y, y2=legend_y, stroke="#d92d20", stroke_width="2.5")
-        )
-        out.append(_el("text", trend, x=left + 40, y=legend_y + 4))
+        entries.append((f"detected trend: {lines[0][2]:+,.2f} MiB per {clock}", "#d92d20", "2.5", ""))
+    for label, colour, stroke_width, _ in entries:
+        out.append(_el("line", x1=lx, x2=lx + 24, y1=12.0, y2=12.0, stroke=colour, stroke_width=stroke_width))
+        out.append(_el("text", _e(label), x=lx + 30, y=16.0))
+        lx += 30 + 6.5 * len(label) + 24
     out.append("</svg>")
     return "\n".join(out)
