@@ -139,3 +139,15 @@ def test_cli_rebuilds_the_same_page_from_the_json(tmp_path, run_cli):
     bad = run_cli("report", "missing.json")
     assert bad.returncode == 2
     assert "cannot read report missing.json" in bad.stderr
+
+
+def test_lightning_callback_reaches_the_same_page(tmp_path):
+    from gradguard.integrations.lightning import GradGuardCallback
+
+    callback = GradGuardCallback(policy="collect")
+    model = nn.Linear(4, 1)
+    with gradguard.Guard(model, detectors=[MemoryGrowth], policy="collect") as guard:
+        model(torch.ones(2, 4))
+    callback.guard = guard  # as its setup() leaves it after a run
+    callback.write_html(tmp_path / "lightning.html")
+    assert "<h2>Memory per step</h2>" in (tmp_path / "lightning.html").read_text()
