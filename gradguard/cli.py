@@ -1,8 +1,9 @@
-"""The command line: ``gradguard run``, ``gradguard explain``, ``gradguard rules``."""
+"""The command line: ``gradguard run``, ``gradguard report``, ``gradguard explain``, ``gradguard rules``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import runpy
 import signal
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 from gradguard._version import __version__
 from gradguard.errors import ConfigurationError
 from gradguard.explain import explain, rules_table
-from gradguard.findings import Severity
+from gradguard.findings import Finding, Severity
 from gradguard.install import install, uninstall
 from gradguard.report import format_summary
 
@@ -46,12 +47,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--json", metavar="PATH", default=DEFAULT_JSON, help=f"JSON report path (default {DEFAULT_JSON})")
     run.add_argument("--no-json", action="store_true", help="write no JSON report")
+    run.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report")
     run.add_argument("--policy", choices=["warn", "raise", "collect"], default="warn", help="what a finding does")
     run.add_argument("--strict", action="store_true", help=f"exit with {EXIT_STRICT} if any warning or error was found")
     run.add_argument("--select", action="append", default=[], metavar="CODES", help="code prefixes or names to keep")
     run.add_argument("--ignore", action="append", default=[], metavar="CODES", help="code prefixes or names to drop")
     run.add_argument("script", metavar="SCRIPT", help="the Python script to run")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
+
+    rep = sub.add_parser(
+        "report",
+        help="summarise a JSON report, or turn it into HTML",
+        description="Print the findings of a JSON report written by `gradguard run` or Guard.write_json().",
+    )
+    rep.add_argument("report", metavar="JSON", help="the JSON report")
+    rep.add_argument("--html", metavar="PATH", help="write a self-contained HTML report there")
 
     exp = sub.add_parser(
         "explain", help="print a rule's page", description="Print what a rule detects and how to fix it."
@@ -75,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "rules":
         print(rules_table())
         return 0
+    if ns.command == "report":
+        return _report(parser, ns)
     return _run(parser, ns)
 
 
@@ -108,9 +120,42 @@ def _run(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     )
     if json_path is not None:
         print(f"gradguard: report written to {json_path}", file=sys.stderr)
+    if ns.html:
+        try:
+            guard.write_html(ns.html)
+            print(f"gradguard: HTML report written to {ns.html}", file=sys.stderr)
+        except OSError as exc:
+            print(f"gradguard: could not write {ns.html}: {exc}", file=sys.stderr)
     if ns.strict and code == 0 and any(f.severity >= Severity.WARNING for f in guard.findings):
         return EXIT_STRICT
     return code
+
+
+def _report(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
+    try:
+        with open(ns.report, encoding="utf-8") as fh:
+            report = json.load(fh)
+        findings = [Finding.from_dict(f) for f in report.get("findings", [])]
+        summary = report.get("summary", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        parser.exit(EXIT_USAGE, f"gradguard: error: cannot read report {ns.report}: {exc}\n")
+    print(
+        format_summary(
+            findings,
+            steps=int(summary.get("steps", 0)),
+            overhead_s=float(summary.get("overhead_s", 0.0)),
+            wall_s=float(summary.get("wall_s", 0.0)),
+        )
+    )
+    if ns.html:
+        from gradguard.report_html import write_html
+
+        try:
+            write_html(report, ns.html)
+        except OSError as exc:
+            parser.exit(1, f"gradguard: error: could not write {ns.html}: {exc}\n")
+        print(f"gradguard: HTML report written to {ns.html}", file=sys.stderr)
+    return 0
 
 
 def _exec_script(script: str, args: list[str]) -> int:

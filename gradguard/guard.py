@@ -300,6 +300,12 @@ class Guard:
         """Write :meth:`to_dict` as JSON, atomically (a crash never leaves half a file)."""
         write_json_atomic(self.to_dict(), path)
 
+    def write_html(self, path: str | os.PathLike[str]) -> None:
+        """Write the report as one self-contained HTML page (plots, findings, environment)."""
+        from gradguard.report_html import write_html
+
+        write_html(self.to_dict(), path)
+
     def state_dict(self) -> dict[str, Any]:
         """Counters, findings and detector state, for checkpoints."""
         return {

@@ -6,6 +6,7 @@ from gradguard.detector import Detector
 from gradguard.detectors.frozen_norm_stats import FrozenNormStats
 from gradguard.detectors.frozen_param_updated import FrozenParamUpdated
 from gradguard.detectors.graph_retained import GraphRetained
+from gradguard.detectors.memory_growth import MemoryGrowth
 from gradguard.detectors.missing_zero_grad import MissingZeroGrad
 from gradguard.detectors.param_not_in_optimizer import ParamNotInOptimizer
 from gradguard.detectors.param_without_grad import ParamWithoutGrad
@@ -16,6 +17,7 @@ from gradguard.rules import RULES, resolve
 DETECTORS: tuple[type[Detector], ...] = (
     MissingZeroGrad,
     GraphRetained,
+    MemoryGrowth,
     RequiresGradTypo,
     FrozenParamUpdated,
     ParamNotInOptimizer,
@@ -28,6 +30,7 @@ __all__ = [
     "FrozenNormStats",
     "FrozenParamUpdated",
     "GraphRetained",
+    "MemoryGrowth",
     "MissingZeroGrad",
     "ParamNotInOptimizer",
     "ParamWithoutGrad",

@@ -102,6 +102,12 @@ class GradGuardCallback(Callback):
             raise RuntimeError("GradGuardCallback has not run yet")
         return self.guard.to_dict()
 
+    def write_html(self, path: str | os.PathLike[str]) -> None:
+        """Write the report of the current or last run as one self-contained HTML page."""
+        if self.guard is None:
+            raise RuntimeError("GradGuardCallback has not run yet")
+        self.guard.write_html(path)
+
     # ------------------------------------------------------------------ lifecycle
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
