@@ -17,6 +17,7 @@ RULES: dict[str, str] = {
     "GG404": "frozen-norm-stats-updating",
     "GG405": "param-without-grad",
     "GG501": "numpy-alias-mutated",
+    "GG601": "accumulation-batchnorm",
 }
 
 _BY_NAME = {name: code for code, name in RULES.items()}
