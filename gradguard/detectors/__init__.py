@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 from gradguard.detector import Detector
+from gradguard.detectors.frozen_norm_stats import FrozenNormStats
+from gradguard.detectors.frozen_param_updated import FrozenParamUpdated
 from gradguard.detectors.missing_zero_grad import MissingZeroGrad
+from gradguard.detectors.param_not_in_optimizer import ParamNotInOptimizer
+from gradguard.detectors.param_without_grad import ParamWithoutGrad
+from gradguard.detectors.requires_grad_typo import RequiresGradTypo
 from gradguard.errors import ConfigurationError
 from gradguard.rules import RULES, resolve
 
-DETECTORS: tuple[type[Detector], ...] = (MissingZeroGrad,)
+DETECTORS: tuple[type[Detector], ...] = (
+    MissingZeroGrad,
+    RequiresGradTypo,
+    FrozenParamUpdated,
+    ParamNotInOptimizer,
+    FrozenNormStats,
+    ParamWithoutGrad,
+)
 
-__all__ = ["DETECTORS", "MissingZeroGrad", "detector_class"]
+__all__ = [
+    "DETECTORS",
+    "FrozenNormStats",
+    "FrozenParamUpdated",
+    "MissingZeroGrad",
+    "ParamNotInOptimizer",
+    "ParamWithoutGrad",
+    "RequiresGradTypo",
+    "detector_class",
+]
 
 
 def detector_class(code_or_name: str) -> type[Detector]:

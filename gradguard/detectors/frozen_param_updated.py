@@ -1,0 +1,148 @@
+"""GG402 frozen-param-updated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gradguard._frames import user_location
+from gradguard.detector import Detector, Findings
+from gradguard.findings import Finding, format_names
+
+#: Optimizer state entries that keep moving a parameter when its gradient is zero.
+_MOMENTUM_STATE = ("momentum_buffer", "exp_avg", "ax")
+
+
+def _mover(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor) -> str | None:
+    """Why a step would move this frozen parameter, or ``None`` if nothing known would.
+
+    Only metadata is read: hyper-parameters, which state entries exist, whether a
+    gradient tensor is present. No tensor value is read.
+    """
+    if param.grad is None:
+        return None  # the built-in optimizers skip parameters without a gradient
+    causes = []
+    decay = group.get("weight_decay", 0)
+    if isinstance(decay, (int, float)) and decay != 0:
+        causes.append(f"weight_decay={decay}")
+    state = optimizer.state.get(param)
+    if state:
+        kept = [k for k in _MOMENTUM_STATE if state.get(k) is not None]
+        if kept:
+            causes.append(f"optimizer state made before freezing ({', '.join(kept)})")
+    if not causes:
+        return None
+    return (
+        "its .grad is a tensor rather than None (zero_grad(set_to_none=False) leaves zeros), and "
+        + " and ".join(causes)
+        + " move it anyway"
+    )
+
+
+class FrozenParamUpdated(Detector):
+    """GG402 frozen-param-updated: an optimizer step changed a frozen parameter.
+
+    **What it detects.** A parameter with ``requires_grad=False`` that ``optimizer.step()``
+    writes to. Freezing stops new gradients, but not the optimizer: when the gradient of
+    a parameter frozen during training is a tensor of zeros rather than ``None`` (what
+    ``zero_grad(set_to_none=False)`` leaves), the built-in optimizers still update it,
+    and weight decay (``p -= lr * wd * p``) and momentum or Adam moments kept from before
+    the freezing move it step after step. gradguard compares each frozen parameter's
+    version counter before and after every step: exact, and no value is read.
+
+    **Why it matters.** The "frozen" backbone drifts: weights shrink under weight decay
+    or keep going in the last direction of the momentum, destroying the pretrained
+    features you meant to keep, while the loss curve looks normal.
+
+    **How to fix it.** Clear the gradients of frozen parameters (``p.grad = None``) and use
+    ``optimizer.zero_grad(set_to_none=True)`` (the default since PyTorch 2.0); better,
+    keep frozen parameters out of the optimizer, or drop their state
+    (``optimizer.state.pop(p, None)``) when you freeze them.
+
+    **Example.**
+
+    .. code-block:: python
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        ...                                   # some epochs later:
+        model.backbone.requires_grad_(False)
+        opt.zero_grad(set_to_none=False)      # grads become zeros, not None
+        loss.backward(); opt.step()           # GG402: the backbone still moves
+        # fix: opt.zero_grad() (set_to_none=True), or p.grad = None for frozen p
+
+    **Limitations.** Fused optimizers (``fused=True``) write through a kernel that does not
+    bump version counters; for them gradguard reports the step only when the update is
+    certain from metadata alone (a gradient tensor present together with weight decay or
+    momentum state). A write that leaves the values unchanged (plain SGD adding a zero
+    gradient) also bumps the counter; it is reported only when weight decay or momentum
+    state make a real change certain.
+    """
+
+    code = "GG402"
+    name = "frozen-param-updated"
+    hint = "Set p.grad = None for frozen parameters (zero_grad(set_to_none=True)) or keep them out of the optimizer"
+    events = frozenset({"step_pre", "step_post", "close"})
+    state_fields = ("flagged_steps",)
+
+    def setup(self) -> None:
+        self.flagged_steps = 0
+        self._before: dict[int, list[tuple[torch.Tensor, int, dict[str, Any]]]] = {}
+        self._reported: set[int] = set()
+
+    def teardown(self) -> None:
+        self._before.clear()
+        self._reported.clear()
+
+    def on_step_pre(self, optimizer: torch.optim.Optimizer) -> Findings:
+        frozen = [
+            (p, p._version, group)
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if not p.requires_grad and id(p) not in self._reported
+        ]
+        if frozen:
+            self._before[id(optimizer)] = frozen  # held for the step only
+        else:
+            self._before.pop(id(optimizer), None)
+        return None
+
+    def on_step_post(self, optimizer: torch.optim.Optimizer) -> Findings:
+        before = self._before.pop(id(optimizer), None)
+        if not before:
+            return None
+        changed: list[tuple[str, str]] = []
+        for param, version, group in before:
+            cause = _mover(optimizer, group, param)
+            if param._version != version:
+                if cause is None and param.grad is not None:
+                    continue  # adding a zero gradient writes but changes nothing
+                changed.append((self.guard.param_name(param), cause or "the optimizer wrote to it"))
+            elif group.get("fused") and cause is not None:
+                changed.append((self.guard.param_name(param), cause))  # fused kernels bump no version
+            else:
+                continue
+            self._reported.add(id(param))
+        if not changed:
+            return None
+        return [self._finding(optimizer, changed)]
+
+    def on_close(self) -> Findings:
+        self._before.clear()
+        return None
+
+    def _finding(self, optimizer: torch.optim.Optimizer, changed: list[tuple[str, str]]) -> Finding:
+        self.flagged_steps += 1
+        names = [n for n, _ in changed]
+        causes = sorted({c for _, c in changed})
+        opt_name = type(optimizer).__name__
+        message = (
+            f"{opt_name}.step() updated {len(names)} parameter(s) with requires_grad=False "
+            f"({format_names(names)}): {causes[0]}"
+        )
+        return self.finding(
+            message,
+            where=format_names(names),
+            location=user_location(),
+            data={"optimizer": opt_name, "parameters": names[:100], "num_parameters": len(names), "causes": causes},
+        )
