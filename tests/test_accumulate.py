@@ -475,7 +475,8 @@ def test_hand_written_accumulation_that_never_zeroes_is_reported():
     [finding] = guard.findings
     assert finding.code == "GG101"
     assert finding.location.line == line - 1
-    assert "0.weight" in finding.where
+    assert finding.where == "opt (SGD)"
+    assert finding.data["parameters"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
 
 
 def test_accumulator_under_gradguard_run_reports_nothing(write_script, run_cli, tmp_path):
