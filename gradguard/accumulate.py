@@ -25,7 +25,7 @@ from gradguard._frames import user_location
 from gradguard.errors import ConfigurationError, GradGuardWarning
 from gradguard.findings import Finding, Location, Severity, format_names
 from gradguard.lr import lr_scale_factor, scale_lr, warmup_multiplier
-from gradguard.rules import RULES
+from gradguard.rules import PAGES, RULES
 
 #: A weight: a Python number, or a 0-dim tensor that stays on its device (never read back).
 Weight = float | torch.Tensor
@@ -35,6 +35,30 @@ Weight = float | torch.Tensor
 LR_FACTOR_KEY = "gradguard_lr_factor"
 
 _STATE_VERSION = 1
+
+PAGES["GG601"] = """\
+GG601 accumulation-batchnorm: BatchNorm sees micro-batches, not the accumulated batch.
+
+**What it reports.** A ``gradguard.GradientAccumulator`` with ``steps > 1`` drives a
+model that holds BatchNorm layers (any ``_BatchNorm``: ``BatchNorm1d/2d/3d``,
+``SyncBatchNorm``, the lazy variants). It is an info finding, recorded once, when the
+accumulator is made (and by any Guard attached later, at the next optimizer step).
+
+**Why it matters.** Accumulation makes the *gradient* that of the whole window, but
+BatchNorm normalises each forward with the mean and variance of that forward's
+micro-batch, and updates its running statistics once per micro-batch. With small
+micro-batches the statistics are noisy, and training differs from true large-batch
+training in a way no normalisation of the gradient can undo.
+
+**How to fix it.** Often nothing: with micro-batches of a few dozen samples it is harmless.
+For small micro-batches, use GroupNorm or LayerNorm, SyncBatchNorm across processes (the
+statistics span every process's micro-batch), or freeze the BatchNorm statistics of a
+pretrained model (put those layers in ``eval()`` mode).
+
+**Example.** ``train.py:31: GG601 accumulation-batchnorm [info] bn1, layer1.0.bn1, layer1.0.bn2
+and 50 more: BatchNorm normalises with, and tracks, statistics of each micro-batch (8
+samples), not of the accumulated batch of 16 micro-batches, in 53 module(s): ...``
+"""
 
 
 # --------------------------------------------------------------------------- the core

@@ -543,3 +543,10 @@ def _this_line():
     import sys
 
     return sys._getframe(1).f_lineno
+
+
+def test_gg601_has_a_rule_page():
+    page = gradguard.explain("accumulation-batchnorm")
+    assert page.startswith("GG601 accumulation-batchnorm: ")
+    for section in ("What it reports", "Why it matters", "How to fix it", "Example"):
+        assert section in page
