@@ -93,25 +93,29 @@ class _Window:
         """Whether the next micro-batch completes the window."""
         return self.count + 1 >= self.steps
 
-    def weights(self, num_items: Weight | None, normaliser: Callable[[Weight], Weight]) -> tuple[Weight, Weight | None]:
+    def weights(
+        self, num_items: Weight | None, denominator: Callable[[Weight], Weight]
+    ) -> tuple[Weight, Weight | None]:
         """The next micro-batch's loss weight, and a factor for the gradients already accumulated.
 
-        ``normaliser(N)`` turns a window's item count into the factor that normalises it
-        (``1 / N``, or ``world_size / N_global`` when counts are summed across processes).
+        ``denominator(N)`` turns a window's item count into what its gradient is divided by
+        (``N``, or ``N_global / world_size`` when counts are summed across processes that
+        average their gradients).
         """
         if num_items is None:
             return 1.0 / self.steps, None
         if not self.closing:
             return num_items, None
         total = num_items if self.total is None else self.total + num_items
-        factor = normaliser(total)
-        return num_items * factor, (factor if self.count else None)
+        den = denominator(total)
+        # n / N rather than n * (1 / N): a window of one micro-batch weighs exactly 1
+        return ratio(num_items, den), (ratio(1.0, den) if self.count else None)
 
-    def close_factor(self, normaliser: Callable[[Weight], Weight]) -> Weight:
+    def close_factor(self, denominator: Callable[[Weight], Weight]) -> Weight:
         """The factor that normalises the open window when it is closed before it is full."""
         if self.total is None:
             return self.steps / self.count
-        return normaliser(self.total)
+        return ratio(1.0, denominator(self.total))
 
     def add(self, num_items: Weight | None) -> None:
         """Count one micro-batch whose gradient was accumulated."""
@@ -127,15 +131,15 @@ class _Window:
         self.optimizer_steps += 1
 
 
-def inverse(total: Weight, scale: float = 1.0) -> Weight:
-    """``scale / total``, and 0 for an empty window (whose gradient is zero anyway).
+def ratio(numerator: Weight, denominator: Weight) -> Weight:
+    """``numerator / denominator``, and 0 for an empty window (whose gradient is zero anyway).
 
-    >>> inverse(4), inverse(0), inverse(torch.tensor(8.0), scale=2.0)
-    (0.25, 0.0, tensor(0.2500, dtype=torch.float64))
+    >>> ratio(1.0, 4), ratio(3, 0), ratio(1.0, torch.tensor(4.0))
+    (0.25, 0.0, tensor(0.2500))
     """
-    if isinstance(total, torch.Tensor):
-        return torch.nan_to_num(scale / total.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    return scale / total if total > 0 else 0.0
+    if isinstance(numerator, torch.Tensor) or isinstance(denominator, torch.Tensor):
+        return torch.nan_to_num(torch.as_tensor(numerator) / denominator, nan=0.0, posinf=0.0, neginf=0.0)
+    return numerator / denominator if denominator > 0 else 0.0
 
 
 def rescale_grads_(grads: list[torch.Tensor], factor: Weight) -> None:
@@ -418,7 +422,7 @@ class GradientAccumulator:
                 f"{'with' if window.total is not None else 'without'} it"
             )
         closing = window.closing
-        weight, rescale = window.weights(items, self._normaliser)
+        weight, rescale = window.weights(items, self._denominator)
         if rescale is not None:
             rescale_grads_(self._grads(), rescale)
         if isinstance(weight, torch.Tensor) or weight != 1.0:
@@ -443,7 +447,7 @@ class GradientAccumulator:
         window = self._window
         stepped = False
         if window.count:
-            rescale_grads_(self._grads(), window.close_factor(self._normaliser))
+            rescale_grads_(self._grads(), window.close_factor(self._denominator))
             ddp = self._ddp()
             if ddp is not None:
                 _all_reduce_grads(ddp, self.world_size, self._group)
@@ -509,6 +513,9 @@ class GradientAccumulator:
             with torch.no_grad():
                 for p, g in zip(params, grads, strict=True):
                     p.grad = None if g is None else g.detach().to(device=p.device, dtype=p.dtype, copy=True)
+            saved_steps = state.get("steps", self.steps)
+            if total is None and saved_steps != self.steps:  # its micro-batches weighed 1 / saved_steps
+                rescale_grads_(self._grads(), saved_steps / self.steps)
         self._prepare_sync()
 
     def __repr__(self) -> str:
@@ -528,10 +535,10 @@ class GradientAccumulator:
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
 
-    def _normaliser(self, total: Weight) -> Weight:
+    def _denominator(self, total: Weight) -> Weight:
         if self.sync_num_items:
-            return inverse(_sum_across(total, self._group), scale=float(self.world_size))
-        return inverse(total)
+            return _sum_across(total, self._group) / self.world_size
+        return total
 
     def _prepare_sync(self) -> None:
         # DDP reads the flag in the forward that precedes the next backward().

@@ -189,6 +189,36 @@ def test_steps_1_is_exactly_a_plain_loop(kind, weighted):
         assert torch.equal(pa, pb)  # bit for bit
 
 
+def test_steps_1_with_any_num_items_is_exactly_a_plain_loop():
+    batches = make_data([3, 2, 4, 1, 5])
+    model, plain = make_model(), make_model()
+    acc = GradientAccumulator(make_optimizer("adamw", model), steps=1)
+    for (x, y), n in zip(batches, [49, 7, 93, 1, 0.3], strict=True):  # n * (1 / n) != 1 for n = 49
+        acc.backward(item_losses(model, x, y).mean(), num_items=n)
+    opt = make_optimizer("adamw", plain)
+    for x, y in batches:
+        item_losses(plain, x, y).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for pa, pb in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_resume_with_more_micro_batches_per_step_keeps_the_weights():
+    batches = make_data([2] * 5)
+    model, reference = make_model(), make_model()
+    opt = make_optimizer("sgd", model)
+    acc = GradientAccumulator(opt, steps=2)
+    acc.backward(item_losses(model, *batches[0]).mean())
+    resumed = GradientAccumulator(opt, steps=5)
+    resumed.load_state_dict(acc.state_dict())
+    for x, y in batches[1:]:
+        resumed.backward(item_losses(model, x, y).mean())
+    big_batch_run(reference, make_optimizer("sgd", reference), batches, 5, weighted=False)
+    assert resumed.optimizer_steps == 1
+    assert_same_params(model, reference)
+
+
 def test_grads_are_set_to_none_after_each_step():
     model = make_model()
     acc = GradientAccumulator(make_optimizer("sgd", model), steps=2)
