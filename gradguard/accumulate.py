@@ -207,7 +207,9 @@ class GradientAccumulator:
     Do not use ``no_sync()`` yourself while the accumulator drives the model; every process
     must run the same number of micro-batches (as DDP already requires) and call
     :meth:`flush`. A partial window closed by :meth:`flush` ran without synchronisation;
-    :meth:`flush` all-reduces its gradients once itself. With ``sync_num_items=True``, each
+    :meth:`flush` all-reduces its gradients once itself. The flag stays managed between
+    windows and epochs; to train the model without the accumulator afterwards, set
+    ``model.require_backward_grad_sync = True``. With ``sync_num_items=True``, each
     window's ``Σn`` is summed across processes (one scalar all-reduce per window), so a
     token-weighted loss is exact over all processes; otherwise each process normalises by
     its own ``Σn`` and DDP averages the processes.
@@ -225,8 +227,9 @@ class GradientAccumulator:
     Args:
         optimizer: the optimizer to step once per window.
         steps: micro-batches per optimizer step (``>= 1``).
-        model: the model, plain or ``DistributedDataParallel``: used for DDP
-            synchronisation, the world size and the BatchNorm check.
+        model: the model, plain or ``DistributedDataParallel`` (or ``torch.compile`` of
+            one): used for DDP synchronisation and the BatchNorm check. The world size is
+            that of its process group, or of ``torch.distributed`` when initialised.
         scheduler: a learning-rate scheduler to step after each optimizer step.
         scaler: an AMP ``torch.amp.GradScaler``.
         max_grad_norm: clip the window's gradient to this total 2-norm.
