@@ -1,12 +1,14 @@
 """gradguard: catch the silent mistakes of PyTorch training loops while they run."""
 
 from gradguard._version import __version__
+from gradguard.accumulate import GradientAccumulator
 from gradguard.detector import Detector
 from gradguard.errors import ConfigurationError, FindingError, FindingWarning, GradGuardError, GradGuardWarning
 from gradguard.explain import explain
 from gradguard.findings import Finding, Location, Severity
 from gradguard.guard import Guard
 from gradguard.install import install, installed, uninstall
+from gradguard.lr import lr_scale_factor, scale_lr
 from gradguard.policy import Policy
 from gradguard.rules import RULES
 
@@ -19,6 +21,7 @@ __all__ = [
     "FindingWarning",
     "GradGuardError",
     "GradGuardWarning",
+    "GradientAccumulator",
     "Guard",
     "Location",
     "Policy",
@@ -27,5 +30,7 @@ __all__ = [
     "explain",
     "install",
     "installed",
+    "lr_scale_factor",
+    "scale_lr",
     "uninstall",
 ]
