@@ -11,7 +11,6 @@ import collections
 import dataclasses
 import math
 import numbers
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -22,9 +21,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from gradguard._frames import user_location
-from gradguard.errors import ConfigurationError, GradGuardWarning
+from gradguard.errors import ConfigurationError
 from gradguard.findings import Finding, Location, Severity, format_names
-from gradguard.lr import lr_scale_factor, scale_lr, warmup_multiplier
+from gradguard.lr import apply_lr_factor, lr_scale_factor, warmup_multiplier
 from gradguard.rules import PAGES, RULES
 
 #: A weight: a Python number, or a 0-dim tensor that stays on its device (never read back).
@@ -32,7 +31,6 @@ Weight = float | torch.Tensor
 
 #: The key under which the accumulator records, in each param group, the LR factor it applied.
 #: It travels with ``optimizer.state_dict()``, so a resumed run is never scaled twice.
-LR_FACTOR_KEY = "gradguard_lr_factor"
 
 _STATE_VERSION = 1
 
@@ -633,26 +631,7 @@ class GradientAccumulator:
             )
 
     def _apply_lr_factor(self) -> None:
-        groups = self.optimizer.param_groups
-        applied = {float(group.get(LR_FACTOR_KEY, 1.0)) for group in groups}
-        if len(applied) > 1:
-            raise ConfigurationError(
-                f"Expected the param groups to carry one {LR_FACTOR_KEY!r} but got {sorted(applied)}: "
-                "scale the learning rate of groups added later yourself"
-            )
-        ratio = self.lr_factor / (applied.pop() if applied else 1.0)
-        if ratio != 1.0:
-            if self.scheduler is None and any("initial_lr" in group for group in groups):
-                warnings.warn(
-                    "gradguard: the optimizer already has a learning-rate scheduler (its param groups "
-                    "carry 'initial_lr') that was not passed as scheduler=, so its base_lrs stay "
-                    "unscaled; pass it to GradientAccumulator, or create it afterwards",
-                    GradGuardWarning,
-                    stacklevel=3,
-                )
-            scale_lr(self.optimizer, ratio, self.scheduler)
-        for group in groups:
-            group[LR_FACTOR_KEY] = self.lr_factor
+        apply_lr_factor(self.optimizer, self.lr_factor, self.scheduler, stacklevel=4)
 
     def _report(self) -> None:
         from gradguard.guard import active_guards

@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 import torch
 
-from gradguard.errors import ConfigurationError
+from gradguard.errors import ConfigurationError, GradGuardWarning
+
+#: The param-group key that records the factor already applied, so a resumed run (whose
+#: optimizer state carries it) is never scaled twice.
+LR_FACTOR_KEY = "gradguard_lr_factor"
 
 #: The rules :func:`lr_scale_factor` knows.
 RULES = ("linear", "sqrt")
@@ -98,6 +103,37 @@ def scale_lr(optimizer: torch.optim.Optimizer, factor: float, scheduler: Any = N
                 group[key] = _scaled(group[key], factor, seen)
     if scheduler is not None:
         _scale_scheduler(scheduler, factor, seen)
+
+
+def apply_lr_factor(
+    optimizer: torch.optim.Optimizer, factor: float, scheduler: Any = None, stacklevel: int = 2
+) -> None:
+    """Bring the learning rate to ``factor`` times its unscaled value, once.
+
+    The factor already applied is recorded in each param group under :data:`LR_FACTOR_KEY`;
+    calling again with the same factor (as a resumed run does, after loading the optimizer's
+    state) changes nothing.
+    """
+    groups = optimizer.param_groups
+    applied = {float(group.get(LR_FACTOR_KEY, 1.0)) for group in groups}
+    if len(applied) > 1:
+        raise ConfigurationError(
+            f"Expected the param groups to carry one {LR_FACTOR_KEY!r} but got {sorted(applied)}: "
+            "scale the learning rate of groups added later yourself"
+        )
+    ratio = factor / (applied.pop() if applied else 1.0)
+    if ratio != 1.0:
+        if scheduler is None and any("initial_lr" in group for group in groups):
+            warnings.warn(
+                "gradguard: the optimizer already has a learning-rate scheduler (its param groups "
+                "carry 'initial_lr') that was not passed as scheduler=, so its base_lrs stay "
+                "unscaled; pass it, or create it afterwards",
+                GradGuardWarning,
+                stacklevel=stacklevel,
+            )
+        scale_lr(optimizer, ratio, scheduler)
+    for group in groups:
+        group[LR_FACTOR_KEY] = factor
 
 
 def warmup_multiplier(step: int, warmup_steps: int, factor: float) -> float:
