@@ -1,8 +1,9 @@
-"""``from gradguard.lightning import GradGuardCallback``: the Lightning integration.
+"""The Lightning integration: ``GradGuardCallback`` and ``AccumulationCallback``.
 
 Needs the ``[lightning]`` extra: ``pip install 'gradguard[lightning]'``.
 """
 
 from gradguard.integrations.lightning import GradGuardCallback
+from gradguard.integrations.lightning_accumulation import AccumulationCallback
 
-__all__ = ["GradGuardCallback"]
+__all__ = ["AccumulationCallback", "GradGuardCallback"]
