@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from gradguard.detector import Detector
 from gradguard.detectors.missing_zero_grad import MissingZeroGrad
+from gradguard.detectors.numpy_alias import NumpyAliasMutated
 from gradguard.errors import ConfigurationError
 from gradguard.rules import RULES, resolve
 
-DETECTORS: tuple[type[Detector], ...] = (MissingZeroGrad,)
+DETECTORS: tuple[type[Detector], ...] = (MissingZeroGrad, NumpyAliasMutated)
 
-__all__ = ["DETECTORS", "MissingZeroGrad", "detector_class"]
+__all__ = ["DETECTORS", "MissingZeroGrad", "NumpyAliasMutated", "detector_class"]
 
 
 def detector_class(code_or_name: str) -> type[Detector]:
