@@ -70,3 +70,14 @@ def _display_path(filename: str) -> str:
     except ValueError:  # another drive on Windows
         return filename
     return filename if rel.startswith(".." + os.sep) else rel
+
+
+def name_in_frame(obj: object, frame: FrameType | None) -> str | None:
+    """The name of a local or global variable of ``frame`` bound to ``obj`` (by identity)."""
+    if frame is None:
+        return None
+    for scope in (frame.f_locals, frame.f_globals):
+        for name, value in scope.items():
+            if value is obj and not name.startswith("__"):
+                return name
+    return None

@@ -158,7 +158,9 @@ def _print_user_traceback(exc: BaseException, script: str) -> None:
     tb: TracebackType | None = exc.__traceback__
     while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != script:
         tb = tb.tb_next
-    traceback.print_exception(type(exc), exc, tb if tb is not None else exc.__traceback__)
+    # Start at the script's own frame, as `python SCRIPT` would; a script that never ran
+    # (a SyntaxError) shows the error alone.
+    traceback.print_exception(type(exc), exc, tb)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -90,6 +90,7 @@ class Guard:
         self._handles: list[Any] = []
         self._optimizer_steps: dict[int, int] = {}
         self._depth = 0
+        self._step_base = 0  # steps restored from a checkpoint
         self._skipped_ids: set[int] = set()
         self._attached = False
         self._closed = False
@@ -314,6 +315,7 @@ class Guard:
         if not isinstance(state, dict) or state.get("version") != 1:
             raise ConfigurationError(f"Expected a gradguard state dict of version 1 but got {state!r:.80}")
         self.step = int(state.get("step", 0))
+        self._step_base = self.step - max(self._optimizer_steps.values(), default=0)
         self.iteration = int(state.get("iteration", 0))
         for data in state.get("findings", []):
             f = Finding.from_dict(data)
@@ -422,8 +424,8 @@ class Guard:
         self._optimizer_steps[id(optimizer)] = count
         if self._listeners["step_post"]:
             self._dispatch("step_post", (optimizer,))
-        if count > self.step:
-            self.step = count
+        if self._step_base + count > self.step:
+            self.step = self._step_base + count
             if self._listeners["step"]:
                 self._dispatch("step", ())
 

@@ -59,7 +59,14 @@ class Policy:
         if not loud or self.action == Action.COLLECT:
             return
         if self.action == Action.RAISE:
-            raise FindingError(loud)
+            # An internal error must never stop training: it is only warned about.
+            user = [f for f in loud if f.code != "GG000"]
+            for finding in loud:
+                if finding.code == "GG000":
+                    _warn(finding)
+            if user:
+                raise FindingError(user)
+            return
         for finding in loud:
             _warn(finding)
 

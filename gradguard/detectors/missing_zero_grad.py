@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gradguard._frames import user_location
+from gradguard._frames import name_in_frame, user_frame, user_location
 from gradguard.detector import Detector, Findings
 from gradguard.findings import Finding, format_names
 
@@ -241,8 +241,10 @@ class MissingZeroGrad(Detector):
                     mine.append(rec)
         if not mine:
             return out
-        location = user_location()
-        opt_name = type(optimizer).__name__
+        frame = user_frame()
+        location = user_location(frame) if frame is not None else None
+        variable = name_in_frame(optimizer, frame)
+        opt_name = type(optimizer).__name__ if variable is None else f"{variable} ({type(optimizer).__name__})"
         self._deferred.append((mine, location, opt_name, during_step))
         return out + self._drain_deferred(final=False)
 
@@ -264,23 +266,24 @@ class MissingZeroGrad(Detector):
     def _finding(self, recs: list[_Record], location: Any, opt_name: str, during_step: bool) -> Finding:
         self.flagged_updates += 1
         names = [r.name for r in recs]
+        step_call = opt_name.split(" ")[0] + ".step()"
         if during_step:
             message = (
-                f"{opt_name}.step() updated the parameters and then accumulated new gradients onto "
+                f"{step_call} updated the parameters and then accumulated new gradients onto "
                 f"the ones that update had used, inside the same step() call, for {len(names)} "
                 f"parameter(s): {format_names(names)}"
             )
             hint = "Call optimizer.zero_grad() at the start of the closure passed to step()"
         else:
             message = (
-                f"{opt_name}.step() applies gradients that an earlier update already applied: "
+                f"{step_call} applies gradients that an earlier update already applied: "
                 f"backward() added to gradients that were not reset since that update, for "
                 f"{len(names)} parameter(s): {format_names(names)}"
             )
             hint = self.hint
         return self.finding(
             message,
-            where=format_names(names),
+            where=opt_name,
             location=location,
             hint=hint,
             data={"optimizer": opt_name, "parameters": names[:100], "num_parameters": len(names)},

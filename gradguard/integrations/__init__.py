@@ -1,0 +1,1 @@
+"""Adapters that map a framework's events onto the framework-free core."""

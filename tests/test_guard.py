@@ -1,0 +1,229 @@
+import gc
+import json
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard
+from gradguard import ConfigurationError, Detector, Guard
+from gradguard.detectors import DETECTORS
+from gradguard.guard import active_guards
+
+
+def _train(model, opt, steps=3, reset=True):
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    for _ in range(steps):
+        if reset:
+            opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _hook_counts(model, opt):
+    counts = [len(model._forward_pre_hooks), len(model._forward_hooks)]
+    counts += [len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)]
+    for p in model.parameters():
+        counts += [len(p._backward_hooks or {}), len(p._post_accumulate_grad_hooks or {})]
+    return counts
+
+
+def _global_hook_counts():
+    from torch.nn.modules import module
+    from torch.optim import optimizer
+
+    return [
+        len(module._global_forward_pre_hooks),
+        len(module._global_forward_hooks),
+        len(optimizer._global_optimizer_pre_hooks),
+        len(optimizer._global_optimizer_post_hooks),
+    ]
+
+
+class Boom(Detector):
+    """GG101 test double: fails on its second step."""
+
+    code = "GG101"
+    name = "missing-zero-grad"
+    events = frozenset({"model", "step"})
+
+    def setup(self):
+        self.calls = 0
+
+    def on_model(self, module):
+        for p in module.parameters():
+            self.add_handle(p.register_post_accumulate_grad_hook(self.guarded(lambda p: None)))
+
+    def on_step(self):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("boom")
+
+
+def test_lists_of_models_and_optimizers_are_watched():
+    a, b = nn.Linear(3, 1), nn.Linear(3, 1)
+    oa, ob = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    with Guard([a, b], [oa, ob], policy="collect") as guard:
+        assert guard.models() == [a, b]
+        assert guard.optimizers() == [oa, ob]
+        _train(a, oa, steps=2)
+        _train(b, ob, steps=3)
+    assert guard.step == 3  # the step counter is the furthest optimizer's
+    assert guard.iteration == 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"model": "not a model"}, "model"),
+        ({"model": [nn.Linear(1, 1), 3]}, "model"),
+        ({"optimizer": nn.Linear(1, 1)}, "optimizer"),
+        ({"policy": "explode"}, "policy"),
+        ({"detectors": ["GG999"]}, "detector"),
+        ({"detectors": [42]}, "detectors"),
+        ({"detectors": ["GG101", "missing-zero-grad"]}, "once"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_naming_them(kwargs, match):
+    with pytest.raises(ConfigurationError, match=match):
+        Guard(**kwargs)
+
+
+def test_every_hook_is_removed_on_exit():
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = _hook_counts(model, opt)
+    with Guard(model, opt, policy="collect"):
+        _train(model, opt)
+        assert _hook_counts(model, opt) != before
+    assert _hook_counts(model, opt) == before
+
+
+def test_install_uses_global_hooks_and_removes_them():
+    before = _global_hook_counts()
+    guard = gradguard.install(policy="collect")
+    try:
+        assert _global_hook_counts() != before
+        with pytest.raises(RuntimeError, match="already installed"):
+            gradguard.install()
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _train(model, opt, steps=3, reset=False)
+        assert guard.models() == [model]  # the root module, found at its first forward
+        assert guard.optimizers() == [opt]  # found at its first step
+    finally:
+        assert gradguard.uninstall() is guard
+    assert _global_hook_counts() == before
+    assert [f.code for f in guard.findings] == ["GG101"]
+    assert gradguard.uninstall() is None
+
+
+def test_the_guard_keeps_no_reference_to_model_optimizer_or_tensors():
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    refs = [weakref.ref(model), weakref.ref(opt), weakref.ref(model.weight)]
+    with Guard(model, opt, policy="collect") as guard:
+        _train(model, opt, reset=False)
+    refs.append(weakref.ref(model.weight.grad))
+    del model, opt
+    gc.collect()
+    assert [r() for r in refs] == [None] * 4
+    assert guard.findings  # what was found outlives the model
+    assert guard not in active_guards()
+
+
+def test_report_holds_every_field(tmp_path):
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "sub" / "report.json"
+    with Guard(model, opt, policy="collect", json_path=path) as guard:
+        _train(model, opt, steps=3, reset=False)
+    report = json.loads(path.read_text())
+    assert report == json.loads(json.dumps(guard.to_dict())) | {"created": report["created"]}
+    assert report["version"] == 1
+    assert report["summary"]["steps"] == 3
+    assert report["summary"]["overhead_s"] >= 0
+    assert report["summary"]["by_severity"]["warning"] == 1
+    (finding,) = report["findings"]
+    assert set(finding) == {"code", "name", "severity", "message", "hint", "location", "where", "step", "count", "data"}
+    assert report["environment"]["torch"] == torch.__version__
+
+
+def test_a_failing_detector_is_disabled_and_reported_once_and_training_goes_on():
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as record, Guard(model, opt, detectors=[Boom], policy="raise") as guard:
+        warnings.simplefilter("always")
+        _train(model, opt, steps=5)
+        boom = guard.detector("GG101")
+        assert boom is not None
+        assert not boom.attached
+        assert all(len(p._post_accumulate_grad_hooks or {}) == 0 for p in model.parameters())
+    (finding,) = guard.findings
+    assert finding.code == "GG000"
+    assert finding.name == "internal-error"
+    assert finding.where == "GG101 missing-zero-grad"
+    assert "RuntimeError: boom" in finding.data["traceback"]
+    assert finding.step == 2
+    assert [str(w.message)[:5] for w in record] == ["GG000"]
+    assert guard.step == 5
+
+
+def test_a_failing_hook_is_caught_too():
+    class BadHook(Boom):
+        def on_model(self, module):
+            def fail(p):
+                raise ValueError("bad hook")
+
+            for p in module.parameters():
+                self.add_handle(p.register_post_accumulate_grad_hook(self.guarded(fail)))
+
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Guard(model, opt, detectors=[BadHook()], policy="collect") as guard:
+        _train(model, opt, steps=3)
+    assert [f.code for f in guard.findings] == ["GG000"]
+    assert "bad hook" in guard.findings[0].message
+
+
+def test_findings_with_the_same_code_and_place_are_merged():
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Guard(model, opt, policy="collect") as guard:
+        _train(model, opt, steps=6, reset=False)
+    (finding,) = guard.findings
+    assert finding.count == 5
+
+
+def test_select_and_ignore_choose_the_detectors():
+    assert [d.code for d in Guard(select="GG1").detectors] == ["GG101"]
+    assert Guard(ignore="missing-zero-grad").detector("GG101") is None
+    assert [d.code for d in Guard().detectors] == [d.code for d in DETECTORS]
+
+
+def test_a_guard_attaches_once():
+    guard = Guard(policy="collect")
+    with guard:
+        with pytest.raises(RuntimeError, match="already attached"):
+            guard.attach()
+        assert active_guards() == [guard]
+    with pytest.raises(RuntimeError, match="attaches once"):
+        guard.attach()
+
+
+def test_state_dict_round_trips_without_mutating_its_input():
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Guard(model, opt, policy="collect") as guard:
+        _train(model, opt, steps=3, reset=False)
+    state = guard.state_dict()
+    frozen = json.dumps(state, sort_keys=True)
+    other = Guard(policy="collect")
+    other.load_state_dict(state)
+    assert json.dumps(state, sort_keys=True) == frozen
+    assert other.step == 3
+    assert [f.to_dict() for f in other.findings] == [f.to_dict() for f in guard.findings]
+    with pytest.raises(ConfigurationError):
+        other.load_state_dict({"version": 99})
