@@ -10,16 +10,14 @@ import torch
 import gradguard
 from gradguard.detectors.numpy_alias import NumpyAliasMutated, patched
 
+from .helpers import line_of
+
 _REL = os.path.relpath(__file__)
-HERE = __file__ if _REL.startswith("..") else _REL  # how findings show this file
+HERE = __file__ if _REL.startswith("..") else _REL  # how findings name this file
 
 
 def _line(marker: str) -> int:
-    """The line of this file that carries ``marker`` in a comment."""
-    with open(__file__) as fh:
-        hits = [n for n, text in enumerate(fh, 1) if text.rstrip().endswith(f"# {marker}")]
-    assert len(hits) == 1, marker
-    return hits[0]
+    return line_of(f"# {marker}", __file__)
 
 
 def _model_opt():
@@ -337,21 +335,17 @@ if __name__ == "__main__":
 """
 
 
-def _script_line(source: str, marker: str) -> int:
-    return next(n for n, text in enumerate(source.splitlines(), 1) if text.endswith(f"# {marker}"))
-
-
 def test_gradguard_run_flags_each_case(run_cli, write_script, tmp_path):
-    write_script(FLAGGED_SCRIPT)
+    script = str(write_script(FLAGGED_SCRIPT))
     proc = run_cli("run", "--json", "out.json", "--policy", "collect", "train.py")
     assert proc.returncode == 0, proc.stderr
     findings = json.loads((tmp_path / "out.json").read_text())["findings"]
     got = sorted((f["code"], f["where"], f["location"]["line"], f["data"]["kind"]) for f in findings)
     assert got == sorted(
         [
-            ("GG501", "buf", _script_line(FLAGGED_SCRIPT, "L_REFILL"), "kept-alias"),
-            ("GG501", "features", _script_line(FLAGGED_SCRIPT, "L_NORMALISE"), "rewritten-in-place"),
-            ("GG501", "weight", _script_line(FLAGGED_SCRIPT, "L_SNAPSHOT"), "kept-alias"),
+            ("GG501", "buf", line_of("# L_REFILL", script), "kept-alias"),
+            ("GG501", "features", line_of("# L_NORMALISE", script), "rewritten-in-place"),
+            ("GG501", "weight", line_of("# L_SNAPSHOT", script), "kept-alias"),
         ]
     )
     assert all(f["location"]["file"] == "train.py" for f in findings)
