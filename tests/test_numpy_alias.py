@@ -212,6 +212,7 @@ def test_wrappers_exist_only_while_attached_and_nest():
     inner = gradguard.Guard(policy="collect", detectors=["GG501"]).attach()
     assert torch.from_numpy is not originals[0]
     assert patched()
+    kept = torch.from_numpy  # a reference to the wrapper that outlives the guards
     outer.detach()
     assert patched()  # the inner guard still needs them
     array = np.zeros(3)
@@ -221,6 +222,7 @@ def test_wrappers_exist_only_while_attached_and_nest():
     assert (torch.from_numpy, torch.as_tensor, torch.Tensor.numpy) == originals
     assert "numpy" not in torch.Tensor.__dict__
     assert not patched()
+    assert kept(array).data_ptr() == array.__array_interface__["data"][0]  # still works, records nothing
 
 
 def test_copies_are_not_aliases():

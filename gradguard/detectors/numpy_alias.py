@@ -15,7 +15,7 @@ import os
 import sys
 import weakref
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import CodeType, FrameType
 from typing import Any
 
@@ -44,45 +44,60 @@ def _notify(array: np.ndarray, tensor: torch.Tensor, how: str) -> None:
         listener(array, tensor, how, frame)
 
 
-def _from_numpy(ndarray: Any) -> torch.Tensor:
-    tensor = _originals["from_numpy"](ndarray)
-    if _listeners:
-        _notify(ndarray, tensor, "torch.from_numpy")
-    return tensor
+# Each wrapper holds its original in a closure, so that a reference kept past detach (say,
+# ``from torch import from_numpy`` while attached) still works, as the plain function.
+def _wrap_from_numpy(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def from_numpy(ndarray: Any) -> torch.Tensor:
+        tensor = original(ndarray)
+        if _listeners:
+            _notify(ndarray, tensor, "torch.from_numpy")
+        return tensor
+
+    return from_numpy
 
 
-def _as_tensor(*args: Any, **kwargs: Any) -> torch.Tensor:
-    tensor = _originals["as_tensor"](*args, **kwargs)
-    if _listeners:
-        data = args[0] if args else kwargs.get("data")
-        if isinstance(data, np.ndarray):
-            _notify(data, tensor, "torch.as_tensor")
-    return tensor
+def _wrap_as_tensor(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def as_tensor(*args: Any, **kwargs: Any) -> torch.Tensor:
+        tensor = original(*args, **kwargs)
+        if _listeners:
+            data = args[0] if args else kwargs.get("data")
+            if isinstance(data, np.ndarray):
+                _notify(data, tensor, "torch.as_tensor")
+        return tensor
+
+    return as_tensor
 
 
-def _numpy(self: torch.Tensor, *args: Any, **kwargs: Any) -> np.ndarray:
-    array = _originals["numpy"](self, *args, **kwargs)
-    if _listeners:
-        _notify(array, self, "Tensor.numpy")
-    return array
+def _wrap_numpy(original: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    def numpy(self: torch.Tensor, *args: Any, **kwargs: Any) -> np.ndarray:
+        array = original(self, *args, **kwargs)
+        if _listeners:
+            _notify(array, self, "Tensor.numpy")
+        return array
+
+    return numpy
 
 
 def _clear_in_child() -> None:
     _listeners.clear()  # a forked DataLoader worker reports nothing: nobody would see it
 
 
-def _targets() -> tuple[tuple[Any, str, Callable[..., Any]], ...]:
-    return ((torch, "from_numpy", _from_numpy), (torch, "as_tensor", _as_tensor), (torch.Tensor, "numpy", _numpy))
+def _targets() -> tuple[tuple[Any, str, Callable[[Any], Callable[..., Any]]], ...]:
+    return (
+        (torch, "from_numpy", _wrap_from_numpy),
+        (torch, "as_tensor", _wrap_as_tensor),
+        (torch.Tensor, "numpy", _wrap_numpy),
+    )
 
 
 def _subscribe(listener: Listener) -> None:
     """Install the wrappers (on the first subscriber) and add a listener."""
     global _fork_hook_registered
     if not _originals:
-        for owner, name, wrapper in _targets():
+        for owner, name, wrap in _targets():
             _originals[name] = getattr(owner, name)
             _owned[name] = name in vars(owner)  # torch.Tensor inherits numpy from TensorBase
-            setattr(owner, name, functools.wraps(_originals[name])(wrapper))
+            setattr(owner, name, functools.wraps(_originals[name])(wrap(_originals[name])))
         if not _fork_hook_registered and hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_clear_in_child)
             _fork_hook_registered = True
@@ -95,7 +110,7 @@ def _unsubscribe(listener: Listener) -> None:
         _listeners.remove(listener)
     if _listeners or not _originals:
         return
-    for owner, name, _wrapper in _targets():
+    for owner, name, _wrap in _targets():
         current = vars(owner).get(name)
         if getattr(current, "__wrapped__", None) is not _originals[name]:
             continue  # someone wrapped ours since: leave their wrapper (it calls ours, now inert)
@@ -118,6 +133,7 @@ def patched() -> bool:
 
 # ---------------------------------------------------------------------- tracking
 _MAX_ALIASES = 10_000  # aliases tracked at once; dead ones are dropped first, then the oldest
+_PER_MEMORY = 16  # aliases of one memory tracked at once (the most recent)
 _MAX_WRITTEN = 1_024
 _FULL_BYTES = 4_096  # arrays up to this size are checksummed whole
 _SAMPLES = 256  # larger ones: this many evenly spaced elements
@@ -126,7 +142,7 @@ _SCAN_CONTAINER = 10_000  # longest list searched for a variable name (only when
 
 _SNAPSHOT_LOCALS = sys.version_info < (3, 13)
 
-Key = tuple[int, torch.Size, tuple[int, ...], torch.dtype]
+Key = tuple[int, tuple[int, ...], tuple[int, ...], np.dtype]
 Site = tuple[CodeType, int]
 
 
@@ -141,6 +157,20 @@ def _checksum(array: np.ndarray) -> int:
         index = np.linspace(0, array.size - 1, _SAMPLES).astype(np.intp)
         sample = array[np.unravel_index(index, array.shape)]
     return zlib.crc32(sample.tobytes())
+
+
+_DTYPES: dict[np.dtype, torch.dtype] = {}
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype | None:
+    """The dtype ``torch.from_numpy`` gives an array of this numpy dtype."""
+    known = _DTYPES.get(dtype)
+    if known is None:
+        try:
+            known = _DTYPES[dtype] = _originals.get("from_numpy", torch.from_numpy)(np.empty(0, dtype)).dtype
+        except (TypeError, RuntimeError):
+            return None
+    return known
 
 
 def _owner(array: np.ndarray) -> np.ndarray:
@@ -293,12 +323,17 @@ class NumpyAliasMutated(Detector):
 
     # ---------------------------------------------------------------- aliases
     def _on_alias(self, array: np.ndarray, tensor: torch.Tensor, how: str, frame: FrameType) -> Findings:
-        if array.size == 0 or tensor.layout != torch.strided or tensor.device.type != "cpu":
+        if array.size == 0:
             return None
-        if how != "torch.from_numpy" and tensor.data_ptr() != array.__array_interface__["data"][0]:
-            return None  # as_tensor converted, or numpy(force=True) copied: no alias
+        ptr = tensor.data_ptr()
+        if how == "Tensor.numpy":
+            base = array.base
+            if not isinstance(base, torch.Tensor) or base.data_ptr() != ptr:
+                return None  # numpy(force=True) copied
+        elif how == "torch.as_tensor" and (not tensor.is_cpu or tensor.dtype != _torch_dtype(array.dtype)):
+            return None  # converted to another dtype or device: a copy
         self.aliases_seen += 1
-        key: Key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+        key: Key = (ptr, array.shape, array.strides, array.dtype)
         checksum = _checksum(array)
         site: Site = (frame.f_code, frame.f_lineno)
         out: list[Finding] = []
@@ -326,24 +361,31 @@ class NumpyAliasMutated(Detector):
         return out
 
     def _live(self, key: Key) -> list[_Alias]:
+        """The aliases of this memory still alive and not reported yet, oldest first."""
         recs = self._by_key.get(key)
         if not recs:
             return []
-        alive = [r for r in recs if r.product() is not None]
-        if len(alive) != len(recs):
-            self._count -= len(recs) - len(alive)
-            for r in recs:
-                if r.product() is None and self._by_tensor.get(r.tensor_id) is r:
-                    del self._by_tensor[r.tensor_id]
-            if alive:
-                self._by_key[key] = alive
+        keep = [r for r in recs if not r.reported and r.product() is not None]
+        if len(keep) != len(recs):
+            self._forget(r for r in recs if r.reported or r.product() is None)
+            if keep:
+                self._by_key[key] = keep
             else:
                 del self._by_key[key]
-        return alive
+        return keep
+
+    def _forget(self, recs: Iterable[_Alias]) -> None:
+        for r in recs:
+            self._count -= 1
+            if self._by_tensor.get(r.tensor_id) is r:
+                del self._by_tensor[r.tensor_id]
 
     def _add(self, rec: _Alias) -> None:
         recs = self._by_key.pop(rec.key, None) or []
         recs.append(rec)
+        if len(recs) > _PER_MEMORY:
+            self._forget(recs[:-_PER_MEMORY])
+            del recs[:-_PER_MEMORY]
         self._by_key[rec.key] = recs  # most recently used memory last
         self._count += 1
         if not rec.to_numpy:
