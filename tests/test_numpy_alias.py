@@ -53,6 +53,7 @@ def test_refilled_buffer_kept_in_list_is_flagged():
     assert f.where == "buf"
     assert (f.location.file, f.location.line) == (HERE, _line("refill"))
     assert f.data["kind"] == "kept-alias"
+    assert f.data["container"] == "data"
     assert f.data["created_at"] == f"{HERE}:{_line('refill')}"
     assert f.count == 3  # the first three tensors now hold the fourth sample
     assert "torch.tensor" in f.hint
@@ -109,7 +110,7 @@ def test_numpy_snapshots_of_a_parameter_are_flagged_at_the_step_after():
                 assert guard.findings == []  # two snapshots, no step since the second
     [f] = guard.findings
     assert (f.where, f.location.line, f.step) == ("weight", _line("snapshot"), 3)
-    assert f.data["variable"] == "history"
+    assert f.data["container"] == "history"
     assert ".copy()" in f.hint
     assert np.array_equal(history[0], history[-1])  # the bug is real
 
@@ -135,7 +136,9 @@ def test_copied_snapshots_and_read_only_outputs_are_not_flagged():
             _train(model, opt, x)
             history.append(model.weight.detach().numpy().copy())
             outputs.append(model(x).detach().numpy())
+            latest = model.weight.detach().numpy()  # a live view, rebound every step
     assert _only_gg501(guard) == []
+    assert np.array_equal(latest, model.weight.detach().numpy())
     assert not np.array_equal(history[0], history[-1])
 
 

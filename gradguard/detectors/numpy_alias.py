@@ -210,7 +210,7 @@ class _Alias:
         self.checksum = checksum
         self.version = tensor._version
         self.again: Site | None = None  # where the same line made another alias of this memory
-        self.suspect: tuple[Site, str | None] | None = None  # kept alive while the memory changed?
+        self.suspect: tuple[Site, str | None, str | None] | None = None  # kept alive while the memory changed?
         self.reported = False
 
     @property
@@ -230,12 +230,13 @@ class _Alias:
 class _Written:
     """Memory that an in-place op on a ``from_numpy`` tensor rewrote, as last seen."""
 
-    __slots__ = ("checksum", "owner_ref", "seen_at", "site")
+    __slots__ = ("checksum", "how", "owner_ref", "seen_at", "site")
 
-    def __init__(self, owner: np.ndarray, checksum: int, site: Site, seen_at: Location | None) -> None:
+    def __init__(self, owner: np.ndarray, checksum: int, site: Site, how: str, seen_at: Location | None) -> None:
         self.owner_ref = weakref.ref(owner)
         self.checksum = checksum
         self.site = site
+        self.how = how
         self.seen_at = seen_at
 
 
@@ -346,7 +347,7 @@ class NumpyAliasMutated(Detector):
                 continue
             rec.again = site
             if rec.suspect is None and rec.changed(checksum):
-                rec.suspect = (site, self._variable(frame, rec, array))
+                rec.suspect = (site, *self._names(frame, rec, array))
                 self._suspects.append(rec)
         if len(self._suspects) > _MAX_ALIASES:
             del self._suspects[: len(self._suspects) - _MAX_ALIASES]
@@ -441,7 +442,7 @@ class NumpyAliasMutated(Detector):
 
     def _remember_written(self, rec: _Alias, array: np.ndarray, checksum: int) -> None:
         self._written.pop(rec.key, None)
-        self._written[rec.key] = _Written(_owner(array), checksum, rec.site, user_location())
+        self._written[rec.key] = _Written(_owner(array), checksum, rec.site, rec.how, user_location())
         if len(self._written) > _MAX_WRITTEN:
             del self._written[next(iter(self._written))]
 
@@ -449,28 +450,28 @@ class NumpyAliasMutated(Detector):
     def _kept_alias(self, rec: _Alias) -> Finding:
         rec.reported = True
         self.flagged += 1
-        again, variable = rec.suspect or (rec.site, None)
+        again, variable, container = rec.suspect or (rec.site, None, None)
         created, made_again = _location(rec.site), _location(again)
         array = rec.array_ref()
         what = _describe(array)
+        held = f" (in {container})" if container else ""
         if rec.to_numpy:
             param = self._param_name(rec)
             subject = param or f"a tensor {what}"
-            where = param or variable or what
-            held = f" (still held in {variable})" if variable else ""
+            where = param or container or what
             message = (
-                f".numpy() of {subject} at {made_again} made another view of the same memory while an array "
-                f"that line made earlier{held} is still alive, and the tensor was changed in place since "
-                f"(an optimizer step or an in-place op): that array shows the current values, not a snapshot "
-                f"taken at {created}"
+                f".numpy() of {subject} made another view of its memory while an array this line made "
+                f"earlier is still alive{held}, and {subject} was changed in place since (an optimizer step "
+                "or an in-place op): that array shows the current values, not a snapshot"
             )
             hint = "Take a real snapshot: p.detach().numpy().copy() (or p.detach().clone())"
         else:
-            where = variable or what
+            name = variable or what
+            where = name
             message = (
-                f"{rec.how}({variable or what}) at {made_again} made another tensor from the same memory while "
-                f"a tensor that line made earlier is still alive, and the array was overwritten since: that "
-                f"earlier tensor now holds the new values, not the ones it was made from at {created}"
+                f"{rec.how}({name}) made another tensor from the same memory while a tensor this line made "
+                f"earlier is still alive{held}, and {name} was overwritten since: that tensor now holds the "
+                "new values, not the ones it was made from"
             )
             hint = f"Copy the buffer when making the tensor: {rec.how}({variable or 'a'}.copy()) or torch.tensor(...)"
         return self.finding(
@@ -484,6 +485,7 @@ class NumpyAliasMutated(Detector):
                 "created_at": str(created),
                 "made_again_at": str(made_again),
                 "variable": variable,
+                "container": container,
                 "array": what,
             },
         )
@@ -522,12 +524,12 @@ class NumpyAliasMutated(Detector):
         variable = _name_of(frame, (array,))
         what = _describe(array)
         created = _location(written.site)
-        seen = f" (seen changed at {written.seen_at})" if written.seen_at is not None else ""
+        seen = f" (the change was seen at {written.seen_at})" if written.seen_at is not None else ""
         name = variable or what
         return self.finding(
-            f"{name} is read again at {location}, but an in-place op on the tensor made from it at {created} "
-            f"rewrote it{seen}: torch.from_numpy shares memory, so {name} no longer holds its original values "
-            "and gets transformed again",
+            f"{written.how}({name}) reads {name} again, but an in-place op on the tensor this line made from "
+            f"it before rewrote it{seen}: the tensor shares its memory, so {name} no longer holds its original "
+            "values and is transformed again",
             where=name,
             location=location,
             hint="Transform out of place (x = (x - mean) / std) or copy first: torch.tensor(a) or a.copy()",
@@ -540,10 +542,10 @@ class NumpyAliasMutated(Detector):
             },
         )
 
-    def _variable(self, frame: FrameType, rec: _Alias, array: np.ndarray) -> str | None:
-        if rec.to_numpy:
-            return _name_of(frame, (rec.array_ref(),))  # the list of snapshots
-        return _name_of(frame, (array,)) or _name_of(frame, (rec.tensor_ref(),))
+    def _names(self, frame: FrameType, rec: _Alias, array: np.ndarray) -> tuple[str | None, str | None]:
+        """The variable holding the array just aliased, and the one holding the earlier alias."""
+        variable = None if rec.to_numpy else _name_of(frame, (array,))
+        return variable, _name_of(frame, (rec.product(),))
 
     def _param_name(self, rec: _Alias) -> str | None:
         ptr, shape = rec.key[0], rec.key[1]
