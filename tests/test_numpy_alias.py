@@ -206,6 +206,37 @@ def test_dataloader_default_collation_is_not_flagged(num_workers):
     assert seen == (16 if num_workers == 0 else 0)  # only the dataset's own from_numpy, in this process
 
 
+class _RefilledSamples(torch.utils.data.Dataset):
+    """A buggy dataset: every sample is a tensor over one reused buffer."""
+
+    def __init__(self) -> None:
+        self.buf = np.empty(4, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i):
+        self.buf[:] = i
+        return torch.from_numpy(self.buf)  # dataset refill
+
+
+def test_a_dataset_that_refills_one_buffer_is_flagged_in_process():
+    loader = torch.utils.data.DataLoader(_RefilledSamples(), batch_size=4)
+    with gradguard.Guard(policy="collect", detectors=[NumpyAliasMutated]) as guard:
+        batches = list(loader)
+    [f] = guard.findings
+    assert (f.where, f.location.line) == ("self.buf", _line("dataset refill"))
+    assert batches[0][0, 0].item() == 3.0  # collation stacked four copies of the last sample
+
+
+def test_forked_workers_never_report():
+    # A forked worker inherits the wrappers but no listener: it must not warn or raise in there.
+    loader = torch.utils.data.DataLoader(_RefilledSamples(), batch_size=4, num_workers=2)
+    with gradguard.Guard(policy="raise", detectors=[NumpyAliasMutated]) as guard:
+        assert len(list(loader)) == 2
+    assert guard.findings == []
+
+
 # ------------------------------------------------------------------------------ the patch
 def test_wrappers_exist_only_while_attached_and_nest():
     originals = (torch.from_numpy, torch.as_tensor, torch.Tensor.numpy)

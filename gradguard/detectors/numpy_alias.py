@@ -306,6 +306,8 @@ class NumpyAliasMutated(Detector):
         self._count = 0
         self._suspects: list[_Alias] = []
         self._written: dict[Key, _Written] = {}
+        self._site_names: dict[Site, tuple[str | None, str | None]] = {}
+        self._param_names: dict[int, str | None] = {}
         self._listener: Listener | None = self.guarded(self._on_alias)
         _subscribe(self._listener)
 
@@ -317,6 +319,8 @@ class NumpyAliasMutated(Detector):
         self._by_tensor.clear()
         self._suspects.clear()
         self._written.clear()
+        self._site_names.clear()
+        self._param_names.clear()
         self._count = 0
 
     def report(self) -> dict[str, Any]:
@@ -543,17 +547,34 @@ class NumpyAliasMutated(Detector):
         )
 
     def _names(self, frame: FrameType, rec: _Alias, array: np.ndarray) -> tuple[str | None, str | None]:
-        """The variable holding the array just aliased, and the one holding the earlier alias."""
-        variable = None if rec.to_numpy else _name_of(frame, (array,))
-        return variable, _name_of(frame, (rec.product(),))
+        """The variable holding the array just aliased, and the one holding the earlier alias.
+
+        Looked up once per line: a loop that keeps every alias would otherwise search its
+        growing list again at each iteration.
+        """
+        names = self._site_names.get(rec.site)
+        if names is None:
+            variable = None if rec.to_numpy else _name_of(frame, (array,))
+            names = (variable, _name_of(frame, (rec.product(),)))
+            if len(self._site_names) >= _MAX_WRITTEN:
+                self._site_names.clear()
+            self._site_names[rec.site] = names
+        return names
 
     def _param_name(self, rec: _Alias) -> str | None:
         ptr, shape = rec.key[0], rec.key[1]
+        if ptr in self._param_names:
+            return self._param_names[ptr]
+        found = None
         for model in self.guard.models():
             for name, p in model.named_parameters():
                 if p.device.type == "cpu" and p.data_ptr() == ptr and p.shape == shape:
-                    return name
-        return None
+                    found = name
+                    break
+        if len(self._param_names) >= _MAX_WRITTEN:
+            self._param_names.clear()
+        self._param_names[ptr] = found
+        return found
 
 
 # ---------------------------------------------------------------------- helpers
@@ -589,6 +610,12 @@ def _name_of(frame: FrameType | None, targets: tuple[Any, ...]) -> str | None:
         for name, value in names.items():
             if any(value is t for t in wanted):
                 return name
+        owner = names.get("self")
+        attrs = getattr(owner, "__dict__", None)
+        if isinstance(attrs, dict):
+            for name, value in attrs.items():
+                if any(value is t for t in wanted):
+                    return f"self.{name}"
         for name, value in names.items():
             if isinstance(value, (list, tuple)) and len(value) <= _SCAN_CONTAINER:
                 items: Any = value
