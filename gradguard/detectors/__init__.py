@@ -8,6 +8,7 @@ from gradguard.detectors.frozen_param_updated import FrozenParamUpdated
 from gradguard.detectors.graph_retained import GraphRetained
 from gradguard.detectors.memory_growth import MemoryGrowth
 from gradguard.detectors.missing_zero_grad import MissingZeroGrad
+from gradguard.detectors.numpy_alias import NumpyAliasMutated
 from gradguard.detectors.param_not_in_optimizer import ParamNotInOptimizer
 from gradguard.detectors.param_without_grad import ParamWithoutGrad
 from gradguard.detectors.requires_grad_typo import RequiresGradTypo
@@ -23,6 +24,7 @@ DETECTORS: tuple[type[Detector], ...] = (
     ParamNotInOptimizer,
     FrozenNormStats,
     ParamWithoutGrad,
+    NumpyAliasMutated,
 )
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "GraphRetained",
     "MemoryGrowth",
     "MissingZeroGrad",
+    "NumpyAliasMutated",
     "ParamNotInOptimizer",
     "ParamWithoutGrad",
     "RequiresGradTypo",
