@@ -245,3 +245,143 @@ def test_ddp_with_two_cpu_processes_reports_on_rank_zero_only(tmp_path):
     metrics = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().strip().splitlines()
     assert "gradguard/findings" in metrics[0]
     assert len(metrics) == 2  # one row: logged once
+
+
+# --------------------------------------------------------------------- every detector through the callback
+
+
+class StepLosses(Regressor):
+    def __init__(self):
+        super().__init__()
+        self.step_losses = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.step_losses.append(loss)  # <- keeps every step's graph
+        return loss
+
+
+def test_step_losses_kept_on_the_module_are_flagged():
+    callback = GradGuardCallback(policy="collect")
+    _trainer([callback], limit_train_batches=8).fit(StepLosses(), _loader(), _loader())
+    (finding,) = [f for f in callback.findings if f.code == "GG201"]
+    assert finding.where.endswith("step_losses")
+    assert finding.location.line == line_of("# <- keeps every step's graph")
+    assert {f.code for f in callback.findings} == {"GG201"}
+
+
+class ValidationWithGrad(Regressor):
+    def __init__(self):
+        super().__init__()
+        self.val_outputs = []
+
+    def validation_step(self, batch, batch_idx):
+        x, _ = batch
+        with torch.enable_grad():
+            self.val_outputs.append(self(x))  # <- outputs kept with their graphs
+
+
+def test_validation_collecting_outputs_with_grad_is_flagged():
+    callback = GradGuardCallback(policy="collect")
+    trainer = _trainer([callback], inference_mode=False, limit_val_batches=6)
+    trainer.validate(ValidationWithGrad(), _loader())
+    (finding,) = [f for f in callback.findings if f.code == "GG201"]
+    assert finding.where.endswith("val_outputs")
+    assert finding.location.line == line_of("# <- outputs kept with their graphs")
+
+
+class FineTune(pl.LightningModule):
+    """A frozen backbone with BatchNorm and a trained head."""
+
+    def __init__(self, backbone_eval: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU())
+        self.head = nn.Linear(8, 1)
+        self.backbone.requires_grad_(False)
+        self.backbone_eval = backbone_eval
+
+    def on_train_epoch_start(self):
+        if self.backbone_eval:
+            self.backbone.eval()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.head(self.backbone(x)), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.head(self.backbone(x)), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.head.parameters(), lr=0.01)
+
+
+def test_frozen_backbone_with_batchnorm_in_train_mode_is_flagged():
+    callback = GradGuardCallback(policy="collect")
+    _trainer([callback]).fit(FineTune(backbone_eval=False), _loader())
+    (finding,) = callback.findings
+    assert finding.code == "GG404"
+    assert finding.where == "backbone.1"
+
+
+def test_clean_fine_tuning_with_the_backbone_in_eval_mode_reports_nothing():
+    callback = GradGuardCallback(policy="collect")
+    _trainer([callback], max_epochs=2).fit(FineTune(backbone_eval=True), _loader(), _loader())
+    assert callback.findings == []
+
+
+def test_base_finetuning_unfreezing_at_epoch_one_reports_nothing():
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    class Unfreeze(BaseFinetuning):
+        def freeze_before_training(self, pl_module):
+            self.freeze(pl_module.backbone, train_bn=False)
+
+        def finetune_function(self, pl_module, current_epoch, optimizer):
+            if current_epoch == 1:
+                self.unfreeze_and_add_param_group(pl_module.backbone, optimizer, lr=1e-3)
+
+    class Model(FineTune):
+        def configure_optimizers(self):
+            return torch.optim.SGD(filter(lambda p: p.requires_grad, self.parameters()), lr=0.01)
+
+    callback = GradGuardCallback(policy="collect")
+    trainer = _trainer([Unfreeze(), callback], max_epochs=3)
+    trainer.fit(Model(backbone_eval=False), _loader(), _loader())
+    assert len(trainer.optimizers[0].param_groups) == 2  # the backbone did join at epoch 1
+    assert callback.findings == []
+
+
+class BufferDataset(torch.utils.data.Dataset):
+    """Built from one numpy buffer refilled for every sample: every item ends up the last one."""
+
+    def __init__(self, n=32):
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        buf = np.empty(4, dtype=np.float32)
+        self.items = []
+        for _ in range(n):
+            buf[:] = rng.standard_normal(4)
+            self.items.append(torch.from_numpy(buf))  # <- refilled buffer aliased again
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        x = self.items[i]
+        return x, x.sum(0, keepdim=True)
+
+
+def test_dataset_built_from_one_refilled_numpy_buffer_is_flagged():
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):  # called once the callback's guard is attached
+            return DataLoader(BufferDataset(), batch_size=4)
+
+    callback = GradGuardCallback(policy="collect")
+    _trainer([callback]).fit(Regressor(), datamodule=Data())
+    (finding,) = [f for f in callback.findings if f.code == "GG501"]
+    assert finding.location.line == line_of("# <- refilled buffer aliased again")
+    assert finding.where == "buf"
