@@ -67,14 +67,18 @@ def build_report(
 
 def write_json_atomic(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write JSON to ``path`` through a temporary file, so readers never see half a file."""
+    write_text_atomic(json.dumps(report, indent=2, default=_json_default) + "\n", path)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike[str]) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".gradguard-", suffix=".json", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".gradguard-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, default=_json_default)
-            fh.write("\n")
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
