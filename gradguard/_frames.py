@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import sysconfig
@@ -81,3 +82,27 @@ def name_in_frame(obj: object, frame: FrameType | None) -> str | None:
             if value is obj and not name.startswith("__"):
                 return name
     return None
+
+
+_SNAPSHOT_LOCALS = sys.version_info < (3, 13)
+_CO_OPTIMIZED = inspect.CO_OPTIMIZED
+
+
+def frame_variables(frame: FrameType) -> list[tuple[str, object]]:
+    """A frame's local variables, read without keeping them alive afterwards.
+
+    Before Python 3.13, ``frame.f_locals`` of a function fills a snapshot dictionary that
+    the frame keeps, which would hold the user's tensors alive after the user dropped them.
+    The snapshot is emptied again, but only when nothing else holds it: a dictionary the
+    user took with ``locals()`` is never touched. The frame refills it at its next access.
+    """
+    scope = frame.f_locals
+    items = [(k, v) for k, v in scope.items() if isinstance(k, str)]
+    if (
+        _SNAPSHOT_LOCALS
+        and frame.f_code.co_flags & _CO_OPTIMIZED
+        and type(scope) is dict
+        and sys.getrefcount(scope) <= 3  # the frame, `scope` and getrefcount's argument
+    ):
+        scope.clear()
+    return items

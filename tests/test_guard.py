@@ -227,3 +227,19 @@ def test_state_dict_round_trips_without_mutating_its_input():
     assert [f.to_dict() for f in other.findings] == [f.to_dict() for f in guard.findings]
     with pytest.raises(ConfigurationError):
         other.load_state_dict({"version": 99})
+
+
+def test_reading_a_frames_variables_never_empties_a_locals_dict_the_user_holds():
+    import sys
+
+    from gradguard._frames import frame_variables
+
+    def user():
+        hparams = locals()  # the user's own handle on the frame's snapshot
+        lr = 0.1
+        seen = dict(frame_variables(sys._getframe()))
+        return hparams, seen, lr
+
+    hparams, seen, lr = user()
+    assert seen["lr"] == lr
+    assert hparams["lr"] == lr  # refreshed by the read, and not emptied afterwards

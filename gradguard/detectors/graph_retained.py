@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gradguard._frames import _display_path, _is_library_file, user_frame
+from gradguard._frames import _display_path, _is_library_file, frame_variables, user_frame
 from gradguard.detector import Detector, Findings
 from gradguard.findings import Finding, Location
 
@@ -32,7 +32,6 @@ _STALE_CALLS = 16  # an optimizer that did not step in this many step() calls no
 _EVERY_CHECK_UNTIL = 32  # check at every boundary at first, then every _CHECK_EVERY
 _CHECK_EVERY = 8
 _MUTATORS = frozenset({"append", "extend", "insert", "appendleft", "extendleft", "add", "update", "setdefault"})
-_CO_OPTIMIZED = 0x0001
 _SIMPLE_LOADS = frozenset({"LOAD_FAST", "LOAD_NAME", "LOAD_GLOBAL", "LOAD_DEREF"})
 _HOLDERS = (torch.Tensor, list, tuple, dict, deque)
 _STORES = frozenset({"STORE_FAST", "STORE_NAME", "STORE_GLOBAL", "STORE_DEREF"})
@@ -659,17 +658,8 @@ def _user_frames() -> list[FrameType]:
 
 
 def _frame_items(frame: FrameType) -> list[tuple[str, Any]]:
-    """A frame's variables, without leaving a snapshot of them on the frame.
-
-    Before Python 3.13, ``frame.f_locals`` of a function fills a dictionary that the frame
-    keeps: it would hold the user's tensors alive after the user dropped them. It is
-    emptied again here (the frame refills it at the next access).
-    """
-    scope = frame.f_locals
-    items = [(k, v) for k, v in scope.items() if isinstance(k, str)]
-    if sys.version_info < (3, 13) and frame.f_code.co_flags & _CO_OPTIMIZED and isinstance(scope, dict):
-        scope.clear()
-    return items
+    """A frame's variables, without leaving a snapshot of them on the frame."""
+    return frame_variables(frame)
 
 
 def _object_attrs(obj: Any) -> list[tuple[str, Any]]:

@@ -10,7 +10,6 @@ when the last one detaches.
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import sys
 import weakref
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradguard._frames import _display_path, _is_library_file, user_frame, user_location
+from gradguard._frames import _display_path, _is_library_file, frame_variables, user_frame, user_location
 from gradguard.detector import Detector, Findings
 from gradguard.findings import Finding, Location
 
@@ -140,7 +139,6 @@ _SAMPLES = 256  # larger ones: this many evenly spaced elements
 _SCAN_ITEMS = 32  # forward arguments looked at, and items per list/tuple/dict among them
 _SCAN_CONTAINER = 10_000  # longest list searched for a variable name (only when reporting)
 
-_SNAPSHOT_LOCALS = sys.version_info < (3, 13)
 
 Key = tuple[int, tuple[int, ...], tuple[int, ...], np.dtype]
 Site = tuple[CodeType, int]
@@ -605,32 +603,26 @@ def _name_of(frame: FrameType | None, targets: tuple[Any, ...]) -> str | None:
     wanted = [t for t in targets if t is not None]
     if not wanted:
         return None
-    names = frame.f_locals
-    try:
-        for name, value in names.items():
+    names = dict(frame_variables(frame))
+    for name, value in names.items():
+        if any(value is t for t in wanted):
+            return name
+    owner = names.get("self")
+    attrs = getattr(owner, "__dict__", None)
+    if isinstance(attrs, dict):
+        for name, value in attrs.items():
             if any(value is t for t in wanted):
-                return name
-        owner = names.get("self")
-        attrs = getattr(owner, "__dict__", None)
-        if isinstance(attrs, dict):
-            for name, value in attrs.items():
-                if any(value is t for t in wanted):
-                    return f"self.{name}"
-        for name, value in names.items():
-            if isinstance(value, (list, tuple)) and len(value) <= _SCAN_CONTAINER:
-                items: Any = value
-            elif isinstance(value, dict) and len(value) <= _SCAN_CONTAINER:
-                items = value.values()
-            else:
-                continue
-            if any(item is t for item in items for t in wanted):
-                return name
-        return None
-    finally:
-        if _SNAPSHOT_LOCALS and frame.f_code.co_flags & inspect.CO_OPTIMIZED and type(names) is dict:
-            # Before Python 3.13, f_locals of a function is a snapshot cached on the frame: it
-            # would keep the user's old tensors alive. Without a tracer it is never written back.
-            names.clear()
+                return f"self.{name}"
+    for name, value in names.items():
+        if isinstance(value, (list, tuple)) and len(value) <= _SCAN_CONTAINER:
+            items: Any = value
+        elif isinstance(value, dict) and len(value) <= _SCAN_CONTAINER:
+            items = value.values()
+        else:
+            continue
+        if any(item is t for item in items for t in wanted):
+            return name
+    return None
 
 
 def _describe(array: np.ndarray | None) -> str:
