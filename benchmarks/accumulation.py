@@ -29,23 +29,11 @@ import time
 from collections.abc import Callable
 
 import torch
+from overhead import TinyTransformer  # the same model as the overhead harness (same folder)
 from torch import nn
 
 import gradguard
 from gradguard import GradientAccumulator
-
-
-class TinyTransformer(nn.Module):
-    def __init__(self, vocab: int = 128, d_model: int = 64, layers: int = 2, seq: int = 32) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d_model)
-        self.pos = nn.Parameter(torch.zeros(seq, d_model))
-        layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=4 * d_model, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d_model, vocab)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(tokens) + self.pos))
 
 
 def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
