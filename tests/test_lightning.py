@@ -139,10 +139,11 @@ def test_findings_are_logged_once_on_rank_zero(tmp_path):
 def test_json_report_is_written(tmp_path):
     import json
 
-    callback = GradGuardCallback(policy="collect", json_path=tmp_path / "report.json")
+    callback = GradGuardCallback(policy="collect", json_path=tmp_path / "report.json", html_path=tmp_path / "r.html")
     _trainer([callback]).fit(ManualNoZeroGrad(), _loader(), _loader())
     report = json.loads((tmp_path / "report.json").read_text())
     assert [f["code"] for f in report["findings"]] == ["GG101"]
+    assert "GG101" in (tmp_path / "r.html").read_text()
 
 
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")

@@ -35,6 +35,7 @@ class GradGuardCallback(Callback):
         select: code prefixes or rule names to keep.
         ignore: code prefixes or rule names to drop.
         json_path: where to write the JSON report when a run ends (rank zero only).
+        html_path: where to write the HTML report when a run ends (rank zero only).
         log: send finding counts (and text, where the logger takes text) to the
             ``Trainer``'s loggers once per run, on rank zero.
 
@@ -59,6 +60,7 @@ class GradGuardCallback(Callback):
         select: Iterable[str] | str | None = None,
         ignore: Iterable[str] | str | None = None,
         json_path: str | os.PathLike[str] | None = None,
+        html_path: str | os.PathLike[str] | None = None,
         log: bool = True,
     ) -> None:
         super().__init__()
@@ -68,6 +70,7 @@ class GradGuardCallback(Callback):
         self._policy_name = policy
         self._detectors = detectors
         self._json_path = os.fspath(json_path) if json_path is not None else None
+        self._html_path = os.fspath(html_path) if html_path is not None else None
         self._log = log
         self.guard: Guard | None = None
         self._done: list[Finding] = []
@@ -183,6 +186,8 @@ class GradGuardCallback(Callback):
         if trainer.is_global_zero:
             if self._json_path is not None:
                 guard.write_json(self._json_path)
+            if self._html_path is not None:
+                guard.write_html(self._html_path)
             if self._log:
                 _log_findings(trainer, guard.findings)
 
