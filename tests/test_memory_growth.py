@@ -142,6 +142,38 @@ def test_bounded_replay_buffer_that_fills_then_stays_flat_is_not_flagged(maxlen)
     assert [f for f in guard.findings if f.code == "GG301"] == []
 
 
+def test_a_cache_bounded_by_hand_that_fills_past_the_decision_ends_as_info():
+    # It grows for 60 steps, longer than the decision takes: told from a leak only once
+    # it stays flat, so the finding is kept, downgraded to info, with the evidence.
+    model = nn.Linear(16, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    cache = []
+    with gradguard.Guard(model, opt, detectors=[MemoryGrowth], policy="collect") as guard:
+        for _ in range(130):
+            _train_step(model, opt, torch.randn(8, 16))
+            cache.append(torch.randn(512, 1024))
+            if len(cache) > 60:
+                cache.pop(0)
+    f = _only(guard)
+    assert f.where == "cache"
+    assert f.severity == "info"
+    assert f.data["stopped"]["flat_to"] == 130
+    assert f.data["stopped"]["rate_mib_per_step"] < 0.2
+
+
+def test_a_leak_that_keeps_growing_stays_a_warning():
+    model = nn.Linear(16, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    kept = []
+    with gradguard.Guard(model, opt, detectors=[MemoryGrowth], policy="collect") as guard:
+        for _ in range(90):
+            _train_step(model, opt, torch.randn(8, 16))
+            kept.append(torch.randn(512, 1024))
+    f = _only(guard)
+    assert f.severity == "warning"
+    assert "stopped" not in f.data
+
+
 def test_alternating_batch_sizes_are_not_flagged():
     model = nn.Sequential(nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -12,7 +12,7 @@ from gradguard import _memory as mem
 from gradguard._frames import user_location
 from gradguard.detector import Detector, Findings
 from gradguard.errors import ConfigurationError
-from gradguard.findings import Finding, Location
+from gradguard.findings import Finding, Location, Severity
 
 _GRAPH_HINT = (
     "Run evaluation under torch.no_grad() (or torch.inference_mode()), or keep outputs.detach(), "
@@ -139,6 +139,7 @@ class MemoryGrowth(Detector):
         self._next_check: dict[str, int] = {}
         self._backoff: dict[str, int] = {}
         self._suspicion: _Suspicion | None = None
+        self._emitted: list[tuple[Finding, str, int, float]] = []  # finding, signal, step, rate
         self._growths: list[dict[str, Any]] = []
         self._sites: list[dict[str, Any]] = []
         self._census_steps: list[int] = []
@@ -180,7 +181,35 @@ class MemoryGrowth(Detector):
         if self._suspicion is not None and self._suspicion.cuda_history:
             mem.stop_cuda_history()
             self._suspicion.cuda_history = False
+        for finding, signal, x, rate in self._emitted:
+            self._revise(finding, signal, x, rate)
         return None
+
+    def _revise(self, finding: Finding, signal: str, x: int, rate: float) -> None:
+        """At the end of the run, tell a cache that filled up from a leak.
+
+        Growth that stopped after the finding (memory flat since) is what a bounded cache
+        does while it fills: the finding stays in the report, as info, with the evidence.
+        """
+        tail = [p for p in self._windows.get(signal, ()) if p[0] > x]
+        if len(tail) < max(12, self.window // 2):
+            return
+        recent = tail[-self.window :]
+        slope, _ = mem.theil_sen([p[0] for p in recent], [p[1] for p in recent])
+        if slope >= 0.1 * rate:
+            return
+        unit = "step" if self._clock == "step" else "iteration"
+        finding.severity = Severity.INFO
+        finding.message += (
+            f"; then the growth stopped: memory stayed flat over {unit}s {recent[0][0]}-{recent[-1][0]}, "
+            "as a cache that fills up to a bound does"
+        )
+        finding.hint = "Check that the container is bounded; if it is, this is its filling up, not a leak"
+        finding.data["stopped"] = {
+            "flat_from": recent[0][0],
+            "flat_to": recent[-1][0],
+            "rate_mib_per_step": slope / mem.MiB,
+        }
 
     # ---------------------------------------------------------------- sampling
     def _restart(self, clock: str) -> None:
@@ -362,7 +391,9 @@ class MemoryGrowth(Detector):
         self._sites = sites
         if suspicion.census is not None:
             self._census_steps = [suspicion.census.step, x]
-        return [self._finding(trend, growths, sites, x)]
+        finding = self._finding(trend, growths, sites, x)
+        self._emitted.append((finding, signal, x, trend.slope))
+        return [finding]
 
     # ---------------------------------------------------------------- explaining
     def _explain(self, before: mem.Census, x: int) -> list[mem.Growth]:
