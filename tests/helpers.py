@@ -23,3 +23,37 @@ def codes(findings) -> list[str]:
 
 def same_file(location_file: str, path: str) -> bool:
     return os.path.abspath(location_file) == os.path.abspath(path)
+
+
+def tiny_data(n: int = 8):
+    """``n`` regression samples ``(x [n, 4], y [n, 1])``, the same every call."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, 4, generator=gen), torch.randn(n, 1, generator=gen)
+
+
+def tiny_model():
+    """A 4 -> 8 -> 1 MLP, the same weights every call."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def tiny_trainer(callbacks, **kwargs):
+    """A quiet CPU Lightning ``Trainer`` for tests: one epoch, no logger, no checkpoints."""
+    import lightning.pytorch as pl
+
+    options = {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)

@@ -13,19 +13,9 @@ from torch import nn
 import gradguard
 from gradguard.detectors import GraphRetained
 
-from .helpers import line_of, same_file
+from .helpers import line_of, same_file, tiny_data, tiny_model
 
 STEPS = 5
-
-
-def _data(n: int = 8):
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(n, 4, generator=gen), torch.randn(n, 1, generator=gen)
-
-
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
 class Recurrent(nn.Module):
@@ -65,7 +55,7 @@ def _only(guard):
 
 
 def test_running_total_of_the_loss_tensor_is_flagged():
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with _guard(model, opt) as guard:
         total_loss = 0.0
@@ -88,7 +78,7 @@ def test_running_total_of_the_loss_tensor_is_flagged():
 
 
 def test_list_of_loss_tensors_is_flagged():
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     history = []
     with _guard(model, opt) as guard:
@@ -106,7 +96,7 @@ def test_list_of_loss_tensors_is_flagged():
 
 
 def test_outputs_collected_in_an_evaluation_loop_with_grad_on_are_flagged():
-    model, (x, _) = _model(), _data()
+    model, (x, _) = tiny_model(), tiny_data()
     model.eval()
     outputs = []
     with _guard(model) as guard:
@@ -179,7 +169,7 @@ def test_lstm_state_carried_in_evaluation_with_grad_on_is_flagged():
 class Logged(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.net = _model()
+        self.net = tiny_model()
         self.step_losses = []
 
     def forward(self, x):
@@ -192,7 +182,7 @@ class Logged(nn.Module):
 
 
 def test_list_of_losses_on_a_module_attribute_is_flagged():
-    model, (x, y) = Logged(), _data()
+    model, (x, y) = Logged(), tiny_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with _guard(model, opt) as guard:
         for _ in range(STEPS):
@@ -208,7 +198,7 @@ def test_list_of_losses_on_a_module_attribute_is_flagged():
 
 
 def test_module_attribute_appended_in_a_method_points_at_the_method():
-    model, (x, y) = Logged(), _data()
+    model, (x, y) = Logged(), tiny_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with _guard(model, opt) as guard:
         for _ in range(STEPS):
@@ -228,7 +218,7 @@ def _no_gg201(guard):
 
 
 def test_running_total_of_item_reports_nothing():
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradguard.Guard(model, opt, policy="collect") as guard:
         total = 0.0
@@ -261,7 +251,7 @@ def test_truncated_bptt_with_detach_at_each_batch_reports_nothing(cell):
 
 
 def test_loss_kept_in_a_local_until_the_next_step_overwrites_it_reports_nothing():
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradguard.Guard(model, opt, policy="collect") as guard:
         previous = None
@@ -299,7 +289,7 @@ def test_gan_reusing_the_generator_output_in_the_same_step_reports_nothing():
 
 
 def test_lbfgs_closure_reports_nothing():
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=4)
 
     def closure():
@@ -317,7 +307,7 @@ def test_lbfgs_closure_reports_nothing():
 
 @pytest.mark.parametrize("sum_first", [False, True])
 def test_gradient_accumulation_over_micro_batches_reports_nothing(sum_first):
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     micro = 4
     with gradguard.Guard(model, opt, policy="collect") as guard:
@@ -337,8 +327,8 @@ def test_gradient_accumulation_over_micro_batches_reports_nothing(sum_first):
 
 
 def test_evaluation_loops_that_keep_no_history_report_nothing():
-    model, (x, _) = _model(), _data()
-    encoder, decoder = _model(), nn.Linear(1, 2)
+    model, (x, _) = tiny_model(), tiny_data()
+    encoder, decoder = tiny_model(), nn.Linear(1, 2)
     model.eval()
     with gradguard.Guard([model, encoder, decoder], policy="collect") as guard:
         outputs = []
@@ -368,7 +358,7 @@ def test_a_training_rollout_before_the_first_step_reports_nothing():
 
 
 def test_a_check_keeps_no_reference_to_the_users_tensors():
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradguard.Guard(model, opt, detectors=[GraphRetained], policy="collect"):
         opt.zero_grad()

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from gradguard.lightning import GradGuardCallback  # noqa: E402
 
-from .helpers import line_of  # noqa: E402
+from .helpers import line_of, tiny_trainer  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
@@ -28,19 +28,7 @@ def _loader(n=32, batch=4, seed=0):
 
 
 def _trainer(callbacks, **kwargs):
-    options = {
-        "accelerator": "cpu",
-        "max_epochs": 1,
-        "limit_train_batches": 6,
-        "limit_val_batches": 2,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
+    return tiny_trainer(callbacks, **{"limit_train_batches": 6, "limit_val_batches": 2, **kwargs})
 
 
 class Regressor(pl.LightningModule):

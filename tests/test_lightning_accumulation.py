@@ -15,26 +15,14 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from gradguard import ConfigurationError  # noqa: E402
 from gradguard.lightning import AccumulationCallback, GradGuardCallback  # noqa: E402
 
+from .helpers import tiny_trainer  # noqa: E402
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
 ]
 
 RTOL = 1e-6
-
-
-def _trainer(callbacks, **kwargs):
-    options = {
-        "accelerator": "cpu",
-        "max_epochs": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
 
 
 def _optimizer(kind, params):
@@ -99,7 +87,7 @@ def _reference(kind, data, windows, weighted):
 def _fit(kind, data, callbacks, k=4, batch=2, **kwargs):
     model = Masked(kind)
     loader = DataLoader(TensorDataset(*data), batch_size=batch, shuffle=False)
-    trainer = _trainer(callbacks, accumulate_grad_batches=k, **kwargs)
+    trainer = tiny_trainer(callbacks, accumulate_grad_batches=k, **kwargs)
     trainer.fit(model, loader)
     return model, trainer
 
@@ -156,7 +144,7 @@ def test_linear_lr_scaling_scales_groups_and_schedulers_once(tmp_path):
     callback = AccumulationCallback(lr_scaling="linear", base_batch_size=2)
     model = Masked("sgd", scheduler=True)
     loader = DataLoader(TensorDataset(*data), batch_size=2)
-    trainer = _trainer([callback], accumulate_grad_batches=4, default_root_dir=tmp_path)
+    trainer = tiny_trainer([callback], accumulate_grad_batches=4, default_root_dir=tmp_path)
     trainer.fit(model, loader)
     assert callback.lr_factor == 4.0  # 2 x 4 x 1 against 2
     scheduler = trainer.lr_scheduler_configs[0].scheduler
@@ -166,7 +154,7 @@ def test_linear_lr_scaling_scales_groups_and_schedulers_once(tmp_path):
     trainer.save_checkpoint(ckpt)
 
     resumed = AccumulationCallback(lr_scaling="linear", base_batch_size=2)
-    trainer = _trainer([resumed], accumulate_grad_batches=4, max_epochs=2, default_root_dir=tmp_path)
+    trainer = tiny_trainer([resumed], accumulate_grad_batches=4, max_epochs=2, default_root_dir=tmp_path)
     trainer.fit(Masked("sgd", scheduler=True), loader, ckpt_path=ckpt)
     assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [pytest.approx(0.4)]  # not 1.6
 
@@ -217,7 +205,7 @@ def test_manual_optimization_is_refused():
             return None
 
     with pytest.raises(ConfigurationError, match="automatic optimization"):
-        _trainer([AccumulationCallback()]).fit(Manual(), DataLoader(TensorDataset(*_data()), batch_size=2))
+        tiny_trainer([AccumulationCallback()]).fit(Manual(), DataLoader(TensorDataset(*_data()), batch_size=2))
 
 
 @pytest.mark.parametrize(

@@ -11,19 +11,9 @@ from torch import nn
 import gradguard
 from gradguard.detectors import MissingZeroGrad
 
-from .helpers import line_of, same_file
+from .helpers import line_of, same_file, tiny_data, tiny_model
 
 STEPS = 4
-
-
-def _data(n: int = 8):
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(n, 4, generator=gen), torch.randn(n, 1, generator=gen)
-
-
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
 def _loss(model, x, y):
@@ -58,7 +48,7 @@ RESETS = {
 
 @pytest.mark.parametrize("kind", ["sgd", "foreach", "fused"])
 def test_loop_without_reset_is_flagged_at_step_line(kind):
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = _make_optimizer(kind, model.parameters())
     with gradguard.Guard(model, opt, policy="collect") as guard:
         for _ in range(STEPS):
@@ -78,7 +68,7 @@ def test_loop_without_reset_is_flagged_at_step_line(kind):
 
 @pytest.mark.parametrize("clip", [False, True])
 def test_amp_grad_scaler_with_unscale_and_clipping_without_reset_is_flagged(clip):
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu")
     with gradguard.Guard(model, opt, policy="collect") as guard:
@@ -94,7 +84,7 @@ def test_amp_grad_scaler_with_unscale_and_clipping_without_reset_is_flagged(clip
 
 
 def test_lbfgs_closure_without_zero_grad_is_flagged():
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=4)
 
     def closure():
@@ -111,7 +101,7 @@ def test_lbfgs_closure_without_zero_grad_is_flagged():
 
 
 def test_hand_written_sgd_without_reset_is_flagged():
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     with gradguard.Guard(model, policy="collect") as guard:
         for _ in range(STEPS):
             _loss(model, x, y).backward()  # <- hand-written backward
@@ -156,7 +146,7 @@ def test_generator_backward_into_discriminator_without_its_reset_is_flagged():
 @pytest.mark.parametrize("reset", list(RESETS))
 @pytest.mark.parametrize("kind", ["sgd", "foreach", "fused"])
 def test_each_way_of_resetting_reports_nothing(kind, reset):
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = _make_optimizer(kind, model.parameters())
     with gradguard.Guard(model, opt, policy="collect") as guard:
         for _ in range(STEPS):
@@ -169,7 +159,7 @@ def test_each_way_of_resetting_reports_nothing(kind, reset):
 
 
 def test_reset_after_step_reports_nothing():
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradguard.Guard(model, opt, policy="collect") as guard:
         for _ in range(STEPS):
@@ -180,7 +170,7 @@ def test_reset_after_step_reports_nothing():
 
 
 def test_amp_grad_scaler_with_reset_reports_nothing():
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu")
     with gradguard.Guard(model, opt, policy="collect") as guard:
@@ -198,7 +188,7 @@ def test_amp_grad_scaler_with_reset_reports_nothing():
 
 @pytest.mark.parametrize("micro_batches", [2, 4])
 def test_correct_gradient_accumulation_reports_nothing(micro_batches):
-    model, (x, y) = _model(), _data(16)
+    model, (x, y) = tiny_model(), tiny_data(16)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     with gradguard.Guard(model, opt, policy="collect") as guard:
         for i, (xb, yb) in enumerate(zip(x.split(2), y.split(2), strict=True)):
@@ -232,7 +222,7 @@ def test_gan_whose_generator_fills_discriminator_grads_reports_nothing():
 
 
 def test_lbfgs_closure_with_zero_grad_reports_nothing():
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=4)
 
     def closure():
@@ -249,7 +239,7 @@ def test_lbfgs_closure_with_zero_grad_reports_nothing():
 
 @pytest.mark.parametrize("reset", ["none", "zero_"])
 def test_hand_written_sgd_with_reset_reports_nothing(reset):
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     with gradguard.Guard(model, policy="collect") as guard:
         for _ in range(STEPS):
             _loss(model, x, y).backward()
@@ -267,7 +257,7 @@ def test_hand_written_sgd_with_reset_reports_nothing(reset):
 
 
 def test_warn_policy_warns_once_with_the_code_first():
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def train():
@@ -285,7 +275,7 @@ def test_warn_policy_warns_once_with_the_code_first():
 
 
 def test_raise_policy_stops_at_the_buggy_step():
-    model, (x, y) = _model(), _data()
+    model, (x, y) = tiny_model(), tiny_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     steps_done = 0
 
@@ -352,7 +342,7 @@ def test_detector_state_round_trips():
 def test_lazy_modules_are_tracked_once_materialised():
     torch.manual_seed(0)
     model = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 1))
-    x, y = _data()
+    x, y = tiny_data()
     with gradguard.Guard(model, policy="collect") as guard:
         model(x)  # materialise before the optimizer is made, as usual with lazy modules
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
