@@ -114,9 +114,11 @@ class FrozenNormStats(Detector):
 
     def on_step(self) -> Findings:
         updated: list[str] = []
+        dead = False
         for norm in self._norms:
             module = norm.ref()
             if module is None:
+                dead = True
                 continue
             versions = _versions(module)
             if versions == norm.versions:
@@ -130,7 +132,8 @@ class FrozenNormStats(Detector):
             if frozen is not None and frozen == norm.pending:
                 updated.append(norm.name)
             norm.pending = frozen
-        self._norms = [n for n in self._norms if n.ref() is not None]
+        if dead:
+            self._norms = [n for n in self._norms if n.ref() is not None]
         if not updated:
             return None
         self.flagged.extend(updated)
