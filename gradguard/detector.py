@@ -1,43 +1,63 @@
 """The base class every detector derives from.
 
-A detector declares its metadata and the events it listens to, keeps its state in plain
-attributes named in ``state_fields``, and *returns* findings from its event methods. It
-never prints, warns or raises: the guard applies the policy, de-duplicates findings and
-turns any exception inside a detector into one ``GG000 internal-error`` finding.
+A detector declares its metadata, the events it consumes and handlers for exactly those
+events, and keeps its state in plain attributes named in ``state_fields``. Handlers
+*return* findings; a detector never prints, warns or raises, never registers a torch hook
+and never patches a function: the guard feeds it events, applies the policy, merges
+findings and turns any exception inside a detector into one ``GG000 internal-error``.
+
+Example:
+    >>> from gradguard.events import StepEnd
+    >>> class Every10(Detector):
+    ...     '''GG000-style example; a real detector names a code from RULES.'''
+    ...     consumes = (StepEnd,)
+    ...
+    ...     @on(StepEnd)
+    ...     def _step(self, event):
+    ...         return None
+    >>> Every10.handlers()
+    {<class 'gradguard.events.StepEnd'>: '_step'}
+    >>> class Broken(Detector):
+    ...     consumes = (StepEnd,)
+    Traceback (most recent call last):
+    ...
+    TypeError: Broken: StepEnd is declared in consumes but has no @on(StepEnd) handler
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-import torch
-
-from gradguard.findings import Finding, Location, Severity
+from gradguard.events import Event
+from gradguard.findings import Finding, Location, Revision, Severity
 from gradguard.rules import RULES
 
 if TYPE_CHECKING:
-    from torch.utils.hooks import RemovableHandle
+    from gradguard.run import Run
 
-    from gradguard.guard import Guard
+#: What a handler returns: new findings (and revisions of published ones), or None.
+Findings = Iterable[Finding | Revision] | None
+_F = TypeVar("_F", bound=Callable[..., Any])
+_HANDLES = "__gradguard_event__"
 
-Findings = Iterable[Finding] | None
 
-#: The events a detector may listen to, and the method each one calls.
-EVENTS: dict[str, str] = {
-    "model": "on_model",  # a root module became known: (module)
-    "optimizer": "on_optimizer",  # an optimizer became known: (optimizer)
-    "forward": "on_forward",  # a root module's forward is about to run: (module, args, kwargs)
-    "step_pre": "on_step_pre",  # optimizer.step() is about to run: (optimizer)
-    "step_post": "on_step_post",  # optimizer.step() returned: (optimizer)
-    "step": "on_step",  # a training step ended (the step counter went up): ()
-    "close": "on_close",  # the guard is detaching: ()
-}
+def on(event: type[Event]) -> Callable[[_F], _F]:
+    """Mark a method as the detector's handler of ``event``; declare it in ``consumes`` too."""
+    if not (isinstance(event, type) and issubclass(event, Event)) or event is Event:
+        raise TypeError(f"Expected @on to take an Event subclass but got {event!r}")
+
+    def mark(fn: _F) -> _F:
+        setattr(fn, _HANDLES, event)
+        return fn
+
+    return mark
 
 
 class Detector:
-    """Base class of detectors. Subclasses set the metadata and override event methods.
+    """Base class of detectors. Subclasses set the metadata, ``consumes`` and handlers.
 
     The subclass's docstring is its rule page, printed by ``gradguard explain CODE``: what
     it detects, why it matters, how to fix it, and an example.
@@ -47,48 +67,79 @@ class Detector:
     name: ClassVar[str] = ""
     severity: ClassVar[Severity] = Severity.WARNING
     hint: ClassVar[str] = ""
-    events: ClassVar[frozenset[str]] = frozenset()
+    #: The events this detector consumes; each has exactly one ``@on`` handler.
+    consumes: ClassVar[tuple[type[Event], ...]] = ()
     state_fields: ClassVar[tuple[str, ...]] = ()
+    _handlers: ClassVar[dict[type[Event], str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if not cls.code:
-            return  # an abstract intermediate class
-        if RULES.get(cls.code) != cls.name:
+        if cls.code and RULES.get(cls.code) != cls.name:
             raise TypeError(f"{cls.__name__}: code {cls.code!r} and name {cls.name!r} are not in RULES")
-        unknown = set(cls.events) - set(EVENTS)
-        if unknown:
-            raise TypeError(f"{cls.__name__}: unknown events {sorted(unknown)}")
+        handlers: dict[type[Event], str] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                event = getattr(value, _HANDLES, None)
+                if event is None:
+                    if attr.startswith("on_") and callable(value) and klass is cls:
+                        raise TypeError(
+                            f"{cls.__name__}.{attr} looks like an event handler but is not declared: "
+                            "mark it with @on(EventType) and list the event in consumes"
+                        )
+                    continue
+                for known, name in list(handlers.items()):
+                    if name == attr:
+                        del handlers[known]  # overridden in a subclass
+                if event in handlers and handlers[event] != attr:
+                    raise TypeError(f"{cls.__name__}: two handlers of {event.__name__}: {handlers[event]}, {attr}")
+                handlers[event] = attr
+        declared = tuple(cls.consumes)
+        for event in declared:
+            if not (isinstance(event, type) and issubclass(event, Event)):
+                raise TypeError(f"{cls.__name__}: consumes must hold Event subclasses but got {event!r}")
+            if event not in handlers:
+                raise TypeError(
+                    f"{cls.__name__}: {event.__name__} is declared in consumes but has no @on({event.__name__}) handler"
+                )
+        for event, attr in handlers.items():
+            if event not in declared:
+                raise TypeError(f"{cls.__name__}.{attr} handles {event.__name__}, which is not declared in consumes")
+        cls._handlers = handlers
 
     def __init__(self) -> None:
-        self._guard: Guard | None = None
-        self._handles: list[RemovableHandle] = []
+        self._run: Run | None = None
+        self._grown: dict[Any, tuple[Finding, list[str]]] = {}
+
+    @classmethod
+    def handlers(cls) -> dict[type[Event], str]:
+        """The handler method's name for each consumed event."""
+        return dict(cls._handlers)
 
     # ----------------------------------------------------------------- lifecycle
     @property
-    def guard(self) -> Guard:
-        if self._guard is None:
+    def run(self) -> Run:
+        """The read-only view of the run this detector is attached to."""
+        if self._run is None:
             raise RuntimeError(f"{type(self).__name__} is not attached to a Guard")
-        return self._guard
+        return self._run
 
     @property
     def attached(self) -> bool:
-        return self._guard is not None
+        return self._run is not None
 
-    def attach(self, guard: Guard) -> None:
+    def attach(self, run: Run) -> None:
         """Called by the guard. Subclasses set up in :meth:`setup`."""
-        self._guard = guard
+        self._run = run
+        self._grown = {}
         self.setup()
 
     def detach(self) -> None:
-        """Remove every hook this detector registered and drop all references."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Drop every reference to the run and to user objects."""
         try:
             self.teardown()
         finally:
-            self._guard = None
+            self._run = None
+            self._grown = {}
 
     def setup(self) -> None:
         """Prepare state once attached. Override as needed."""
@@ -96,37 +147,7 @@ class Detector:
     def teardown(self) -> None:
         """Drop every reference to user objects. Override as needed."""
 
-    # ----------------------------------------------------------------- events
-    def on_model(self, module: torch.nn.Module) -> Findings:
-        return None
-
-    def on_optimizer(self, optimizer: torch.optim.Optimizer) -> Findings:
-        return None
-
-    def on_forward(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Findings:
-        return None
-
-    def on_step_pre(self, optimizer: torch.optim.Optimizer) -> Findings:
-        return None
-
-    def on_step_post(self, optimizer: torch.optim.Optimizer) -> Findings:
-        return None
-
-    def on_step(self) -> Findings:
-        return None
-
-    def on_close(self) -> Findings:
-        return None
-
     # ----------------------------------------------------------------- helpers
-    def add_handle(self, handle: RemovableHandle) -> None:
-        """Keep a hook handle so that :meth:`detach` removes it."""
-        self._handles.append(handle)
-
-    def guarded(self, fn: Callable[..., Findings]) -> Callable[..., None]:
-        """Wrap a hook so that its findings reach the guard and its errors disable this detector."""
-        return self.guard.wrap_hook(self, fn)
-
     def finding(
         self,
         message: str,
@@ -146,9 +167,26 @@ class Detector:
             hint=self.hint if hint is None else hint,
             location=location,
             where=where,
-            step=self._guard.step if self._guard is not None else 0,
+            step=self._run.step if self._run is not None else 0,
             data=data or {},
         )
+
+    def grow(self, key: Any, names: list[str], build: Callable[[list[str]], Finding]) -> Finding | Revision:
+        """One finding per ``key`` that later sightings of more names add to.
+
+        The first call publishes ``build(names)``. Sampled checks find the parameters of one
+        mistake a few at a time; each later call revises that finding (message and data
+        rebuilt for every name so far) instead of adding another finding.
+        """
+        known = self._grown.get(key)
+        if known is None:
+            finding = build(list(names))
+            self._grown[key] = (finding, list(names))
+            return finding
+        first, seen = known
+        seen.extend(n for n in names if n not in seen)
+        rebuilt = build(list(seen))
+        return Revision(first, {"message": rebuilt.message, "data": rebuilt.data})
 
     def report(self) -> dict[str, Any] | None:
         """Extra JSON-serialisable data for the report, under ``detectors[code]``."""
@@ -161,6 +199,8 @@ class Detector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. The argument is not modified."""
+        if not isinstance(state, dict):
+            raise ValueError(f"Expected a detector state dict but got {type(state).__name__}")
         unknown = set(state) - set(self.state_fields)
         if unknown:
             raise ValueError(f"Expected state keys among {list(self.state_fields)} but got {sorted(unknown)}")
@@ -171,6 +211,4 @@ class Detector:
     @classmethod
     def rule_page(cls) -> str:
         """The rule page: the class docstring, dedented."""
-        import inspect
-
         return inspect.cleandoc(cls.__doc__ or "")

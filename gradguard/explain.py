@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gradguard.errors import ConfigurationError
-from gradguard.rules import PAGES, RULES, resolve
+from gradguard.rules import RULES, resolve
 
 INTERNAL_ERROR_PAGE = """\
 GG000 internal-error: a detector failed inside gradguard.
@@ -41,8 +41,6 @@ def explain(code_or_name: str) -> str:
     for cls in DETECTORS:
         if cls.code == code:
             return cls.rule_page() + "\n"
-    if code in PAGES:
-        return PAGES[code]
     return f"{code} {RULES[code]}: reserved; this version of gradguard has no detector for it yet.\n"
 
 
@@ -57,8 +55,6 @@ def rules_table() -> str:
             summary = "a detector failed; it is disabled and training goes on"
         elif code in implemented:
             summary = implemented[code].rule_page().splitlines()[0].split(": ", 1)[-1]
-        elif code in PAGES:
-            summary = PAGES[code].splitlines()[0].split(": ", 1)[-1]
         else:
             summary = "(reserved)"
         lines.append(f"{code}  {name:<28} {summary}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 
@@ -74,14 +76,16 @@ class Location:
         return cls(str(data["file"]), int(data["line"]), str(data.get("function", "")))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Finding:
-    """One problem found in a training run.
+    """One problem found in a training run. Immutable: a revision is a new finding.
 
     ``message`` says what happened, with the measured values; ``hint`` says how to fix it,
     in the imperative. ``location`` is the user's file and line (never gradguard's or
     torch's), ``where`` the parameter, module or variable concerned, ``step`` the step it
-    was first seen at and ``count`` how many times it was seen. ``data`` is the evidence.
+    was first seen at and ``count`` how many times it was seen. ``data`` is the evidence, a
+    read-only mapping. The guard makes the later versions of a finding (seen again,
+    revised) with :func:`dataclasses.replace`; a finding already handed out never changes.
 
     >>> f = Finding("GG101", "missing-zero-grad", Severity.WARNING,
     ...             message="gradients applied twice", hint="call optimizer.zero_grad()",
@@ -90,6 +94,10 @@ class Finding:
     'train.py:20: GG101 missing-zero-grad [warning] fc.weight: gradients applied twice'
     >>> f.severity == "warning"
     True
+    >>> f.data["x"] = 1
+    Traceback (most recent call last):
+    ...
+    TypeError: 'mappingproxy' object does not support item assignment
     """
 
     code: str
@@ -101,7 +109,14 @@ class Finding:
     where: str = ""
     step: int = 0
     count: int = 1
-    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, MappingProxyType):
+            object.__setattr__(self, "data", MappingProxyType(dict(self.data)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Finding.from_dict, (self.to_dict(),))
 
     @property
     def key(self) -> tuple[str, str, Location | None]:
@@ -125,7 +140,7 @@ class Finding:
             "where": self.where,
             "step": self.step,
             "count": self.count,
-            "data": self.data,
+            "data": dict(self.data),
         }
 
     @classmethod
@@ -156,3 +171,20 @@ def format_names(names: list[str], limit: int = 3) -> str:
     if len(names) <= limit:
         return ", ".join(names)
     return f"{', '.join(names[:limit])} and {len(names) - limit} more"
+
+
+@dataclasses.dataclass(frozen=True)
+class Revision:
+    """A detector's revision of a finding it published: new values for some of its fields.
+
+    A handler returns it among its findings; the guard applies it with :meth:`Guard.revise`,
+    which keeps the finding's place, first step and count, and replaces the published
+    finding with a new one (the old object never changes).
+
+    >>> f = Finding("GG301", "memory-growth", Severity.WARNING, "grows")
+    >>> Revision(f, {"severity": Severity.INFO}).changes["severity"]
+    <Severity.INFO: 'info'>
+    """
+
+    finding: Finding
+    changes: Mapping[str, Any]

@@ -1,8 +1,9 @@
-"""The Guard: attaches detectors to models and optimizers and routes their findings."""
+"""The Guard: runs the sources, feeds their events to the detectors, and owns the findings."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 import traceback
@@ -13,12 +14,28 @@ from typing import Any
 
 import torch
 
-from gradguard._frames import user_location
-from gradguard.detector import EVENTS, Detector, Findings
+from gradguard.detector import Detector
 from gradguard.errors import ConfigurationError
-from gradguard.findings import Finding, Severity
+from gradguard.events import (
+    BackwardPost,
+    BackwardPre,
+    Close,
+    Event,
+    ForwardPost,
+    ForwardPre,
+    ModelAdded,
+    OptimizerAdded,
+    StepEnd,
+    StepPost,
+    StepPre,
+)
+from gradguard.findings import Finding, Revision, Severity
+from gradguard.introspect.frames import user_location
 from gradguard.policy import Policy
 from gradguard.report import build_report, write_json_atomic
+from gradguard.run import Run, unwrap
+from gradguard.sampling import PER_GROUP, Budget
+from gradguard.sources import SOURCES, ModuleSource, OptimizerSource, Source
 
 DetectorSpec = str | type[Detector] | Detector
 
@@ -26,18 +43,23 @@ _ACTIVE: weakref.WeakSet[Guard] = weakref.WeakSet()
 
 
 def active_guards() -> list[Guard]:
-    """The guards attached right now (a ``with Guard(...)`` block, ``install()``, a callback).
-
-    Components outside the detectors, such as the gradient accumulator, report through them.
-    """
+    """The guards attached right now (a ``with Guard(...)`` block, ``install()``, a callback)."""
     return list(_ACTIVE)
+
+
+def broadcast(event: Event) -> None:
+    """Deliver an event to every attached guard (the gradient accumulator's windows, say)."""
+    for guard in active_guards():
+        guard.publish(event)
 
 
 class Guard:
     """Watch a training loop for silent mistakes.
 
     Args:
-        model: a module, or a list of modules, whose forward marks an iteration.
+        model: a module, or a list of modules, whose forward marks an iteration. A
+            ``torch.compile`` or ``DistributedDataParallel`` wrapper is watched as the model
+            it wraps.
         optimizer: an optimizer, or a list of optimizers, whose ``step()`` marks a step.
         detectors: which detectors to run: codes, rule names, classes or configured
             instances. All registered detectors by default.
@@ -45,8 +67,11 @@ class Guard:
         select: code prefixes or rule names to keep; all by default.
         ignore: code prefixes or rule names to drop.
         json_path: where :meth:`detach` writes the JSON report, if anywhere.
-        global_hooks: watch every module and optimizer of the process through PyTorch's
-            global hooks, as ``gradguard run`` does, instead of only those given.
+        global_hooks: watch every model and optimizer of the process, as ``gradguard run``
+            does, instead of only those given.
+        budget: parameter tensors that per-parameter checks look at per param group and
+            step after the first 32 steps (a :class:`~gradguard.Budget` for more control);
+            ``None`` looks at every tensor at every step, at a cost that grows with the model.
 
     Example:
         >>> import torch, gradguard
@@ -73,33 +98,35 @@ class Guard:
         ignore: Iterable[str] | str | None = None,
         json_path: str | os.PathLike[str] | None = None,
         global_hooks: bool = False,
+        budget: Budget | int | None = PER_GROUP,
     ) -> None:
         self.policy = Policy(policy, select=_tuple(select), ignore=_tuple(ignore))
         models = _as_list(model, torch.nn.Module, "model")
         optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer")
         self.json_path = os.fspath(json_path) if json_path is not None else None
         self.global_hooks = bool(global_hooks)
+        self.budget = Budget.of(budget)
+        self.run = Run(self.budget, self.global_hooks)
         self._detectors: list[Detector] = [d for d in _make_detectors(detectors) if self.policy.enabled(d.code)]
-        self._model_refs: list[weakref.ref[torch.nn.Module]] = [weakref.ref(m) for m in models]
-        self._optimizer_refs: list[weakref.ref[torch.optim.Optimizer]] = [weakref.ref(o) for o in optimizers]
+        self._targets: list[weakref.ref[torch.nn.Module]] = []  # what the user calls, wrappers included
         self._model_ids: set[int] = set()
         self._optimizer_ids: set[int] = set()
-        self._names: dict[int, str] = {}
         self._findings: dict[tuple[Any, ...], Finding] = {}
-        self._listeners: dict[str, list[tuple[Detector, Callable[..., Findings]]]] = {e: [] for e in EVENTS}
-        self._handles: list[Any] = []
-        self._optimizer_steps: dict[int, int] = {}
-        self._depth = 0
+        self._handlers: dict[type[Event], list[tuple[Detector, Callable[[Any], Any]]]] = {}
+        self._sources: list[Source] = []
+        self._modules: ModuleSource | None = None
+        self._optimizer_source: OptimizerSource | None = None
         self._step_base = 0  # steps restored from a checkpoint
-        self._skipped_ids: set[int] = set()
         self._attached = False
         self._closed = False
         self._started = 0.0
         self._wall = 0.0
-        self.step = 0
-        self.iteration = 0
         self.overhead_s = 0.0
         self.finding_callbacks: list[Callable[[Finding], None]] = []
+        for m in models:
+            self.add_model(m)
+        for o in optimizers:
+            self.add_optimizer(o)
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Guard:
@@ -111,7 +138,7 @@ class Guard:
         self.detach(_raising=exc is None)
 
     def attach(self) -> Guard:
-        """Register every hook. Returns the guard itself."""
+        """Start the sources and the detectors. Returns the guard itself."""
         if self._attached:
             raise RuntimeError("This Guard is already attached")
         if self._closed:
@@ -121,20 +148,31 @@ class Guard:
         self._started = time.perf_counter()
         for det in self._detectors:
             self._attach_detector(det)
-        if self.global_hooks:
-            self._attach_global_hooks()
-        for ref in list(self._model_refs):
-            module = ref()
-            if module is not None:
-                self.add_model(module)
-        for oref in list(self._optimizer_refs):
-            opt = oref()
-            if opt is not None:
-                self.add_optimizer(opt)
+        consumed = set(self._handlers)
+        self._modules = ModuleSource(self, discover=self.global_hooks)
+        self._optimizer_source = OptimizerSource(self, global_hooks=self.global_hooks)
+        wanted = [cls(self) for cls in SOURCES if not cls.always and consumed.intersection(cls.provides)]
+        for source in [self._modules, self._optimizer_source, *wanted]:
+            try:
+                source.start()
+            except Exception as exc:
+                self.source_failed(source, exc)
+                continue
+            self._sources.append(source)
+        for ref in list(self._targets):
+            target = ref()
+            if target is not None and self._modules is not None:
+                self._modules.watch(target)
+        for model in self.run.models():
+            self.emit(ModelAdded(model))
+        for opt in self.run.optimizers():
+            if self._optimizer_source is not None:
+                self._optimizer_source.watch(opt)
+            self.emit(OptimizerAdded(opt))
         return self
 
     def detach(self, _raising: bool = True) -> None:
-        """Give detectors their last word, remove every hook and drop every reference.
+        """Give detectors their last word, stop every source and drop every reference.
 
         Findings stay available in :attr:`findings`. Under the ``raise`` policy, findings
         made at close time are raised, unless an exception is already propagating.
@@ -143,18 +181,23 @@ class Guard:
             return
         closing: list[Finding] = []
         try:
-            closing = self._dispatch_collect("close", ())
+            start = time.perf_counter()
+            closing = self._deliver(Close())
+            self.overhead_s += time.perf_counter() - start
         finally:
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
+            for source in reversed(self._sources):
+                with contextlib.suppress(Exception):  # stopping must go on for the others
+                    source.stop()
+            self._sources.clear()
+            self._modules = None
+            self._optimizer_source = None
             for det in self._detectors:
                 if det.attached:
                     self._detach_detector(det)
-            self._model_refs.clear()
-            self._optimizer_refs.clear()
+            self._targets.clear()
             self._model_ids.clear()
             self._optimizer_ids.clear()
+            self.run._clear()
             self._attached = False
             _ACTIVE.discard(self)
             self._closed = True
@@ -179,22 +222,32 @@ class Guard:
             return time.perf_counter() - self._started
         return self._wall
 
+    @property
+    def step(self) -> int:
+        """Training steps so far (the furthest optimizer's steps)."""
+        return self.run.step
+
+    @property
+    def iteration(self) -> int:
+        """Root-model forwards so far."""
+        return self.run.iteration
+
     # ------------------------------------------------------------------ registry
     def add_model(self, module: torch.nn.Module) -> None:
         """Watch another root module (its forward marks an iteration)."""
         if not isinstance(module, torch.nn.Module):
             raise ConfigurationError(f"Expected model to be a torch.nn.Module but got {type(module).__name__}")
-        if id(module) in self._model_ids:
+        if not any(r() is module for r in self._targets):
+            self._targets.append(weakref.ref(module))
+        if self._modules is not None:
+            self._modules.watch(module)
+        model = unwrap(module)
+        if id(model) in self._model_ids and any(m is model for m in self.run.models()):
             return
-        self._model_ids.add(id(module))
-        if not any(r() is module for r in self._model_refs):
-            self._model_refs.append(weakref.ref(module))
-        for name, p in module.named_parameters(remove_duplicate=True):
-            self._names.setdefault(id(p), name)
-        if not self.global_hooks:
-            self._handles.append(module.register_forward_pre_hook(self._forward_pre, with_kwargs=True))
+        self._model_ids.add(id(model))
+        self.run._add_model(model)
         if self._attached:
-            self._dispatch("model", (module,))
+            self._timed(ModelAdded(model))
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Watch another optimizer (its ``step()`` marks a step)."""
@@ -202,36 +255,26 @@ class Guard:
             raise ConfigurationError(
                 f"Expected optimizer to be a torch.optim.Optimizer but got {type(optimizer).__name__}"
             )
-        if id(optimizer) in self._optimizer_ids:
+        if id(optimizer) in self._optimizer_ids and any(o is optimizer for o in self.run.optimizers()):
             return
         self._optimizer_ids.add(id(optimizer))
-        if not any(r() is optimizer for r in self._optimizer_refs):
-            self._optimizer_refs.append(weakref.ref(optimizer))
-        if not self.global_hooks:
-            self._handles.append(optimizer.register_step_pre_hook(self._step_pre))
-            self._handles.append(optimizer.register_step_post_hook(self._step_post))
+        self.run._add_optimizer(optimizer)
+        if self._optimizer_source is not None:
+            self._optimizer_source.watch(optimizer)
         if self._attached:
-            self._dispatch("optimizer", (optimizer,))
+            self._timed(OptimizerAdded(optimizer))
 
     def models(self) -> list[torch.nn.Module]:
-        """The live root modules being watched."""
-        return [m for m in (r() for r in self._model_refs) if m is not None]
+        """The live root modules being watched (unwrapped from ``torch.compile`` and DDP)."""
+        return self.run.models()
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """The live optimizers being watched."""
-        return [o for o in (r() for r in self._optimizer_refs) if o is not None]
+        return self.run.optimizers()
 
     def param_name(self, param: torch.Tensor) -> str:
         """The qualified name of a parameter (``backbone.0.weight``), or a description."""
-        name = self._names.get(id(param))
-        if name is not None:
-            return name
-        for opt in self.optimizers():
-            for gi, group in enumerate(opt.param_groups):
-                for pi, p in enumerate(group["params"]):
-                    if p is param:
-                        return f"{type(opt).__name__}.param_groups[{gi}]['params'][{pi}]"
-        return f"<tensor {tuple(param.shape)}>"
+        return self.run.param_name(param)
 
     @property
     def detectors(self) -> list[Detector]:
@@ -243,37 +286,107 @@ class Guard:
                 return det
         return None
 
+    # ------------------------------------------------------------------ events
+    def publish(self, event: Event) -> None:
+        """Deliver an event from outside the sources (an integration's epoch, say) to the detectors."""
+        if self._attached and event.__class__ in self._handlers:
+            self._timed(event)
+
+    def wants(self, event: type[Event]) -> bool:
+        """Whether any attached detector consumes ``event``."""
+        return event in self._handlers
+
+    def emit(self, event: Event) -> None:
+        """Deliver an event to the detectors that consume it (for sources, already timed)."""
+        new = self._deliver(event)
+        if new:
+            self._publish(new)
+
     # ------------------------------------------------------------------ findings
     @property
     def findings(self) -> list[Finding]:
         """Every finding so far, merged by code and place, in the order first seen."""
         return list(self._findings.values())
 
-    def emit(self, detector: Detector | None, findings: Iterable[Finding]) -> None:
-        """Record findings made outside an event (a detector's own hook, an adapter)."""
-        new = [f for f in (self._record(f) for f in findings) if f is not None]
+    def revise(self, finding: Finding, **changes: Any) -> Finding:
+        """Replace a published finding by a revised one (severity, message, hint, data).
+
+        The finding keeps its place, first step and count; the revised one is returned and
+        reported to ``finding_callbacks``. Nothing is warned or raised again.
+        """
+        known = self._findings.get(finding.key)
+        if known is None:
+            raise ConfigurationError(f"Expected a finding of this guard but got {finding}")
+        allowed = {"severity", "message", "hint", "data"}
+        if not set(changes) <= allowed:
+            raise ConfigurationError(f"Expected changes among {sorted(allowed)} but got {sorted(changes)}")
+        revised = dataclasses.replace(known, **changes)
+        self._findings[finding.key] = revised
+        self._notify(revised)
+        return revised
+
+    # ------------------------------------------------------------------ the sources' side
+    def forward_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        self.run._iteration += 1
+        if ForwardPre in self._handlers:
+            self.emit(ForwardPre(unwrap(module), args, kwargs))
+        self.overhead_s += time.perf_counter() - start
+
+    def forward_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        if ForwardPost in self._handlers:
+            start = time.perf_counter()
+            self.emit(ForwardPost(unwrap(module), args, kwargs, out))
+            self.overhead_s += time.perf_counter() - start
+
+    def backward(self, post: bool, tensors: tuple[Any, ...]) -> None:
+        start = time.perf_counter()
+        if not post:
+            self.run._backwards += 1
+        event_type = BackwardPost if post else BackwardPre
+        if event_type in self._handlers:
+            self.emit(event_type(tensors))
+        self.overhead_s += time.perf_counter() - start
+
+    def step_pre(self, optimizer: torch.optim.Optimizer) -> None:
+        if StepPre in self._handlers:
+            self._timed(StepPre(optimizer))
+
+    def step_post(self, optimizer: torch.optim.Optimizer) -> None:
+        start = time.perf_counter()
+        run = self.run
+        count = run._optimizer_steps.get(id(optimizer), 0) + 1
+        run._optimizer_steps[id(optimizer)] = count
+        if StepPost in self._handlers:
+            self.emit(StepPost(optimizer))
+        if self._step_base + count > run._step:
+            run._step = self._step_base + count
+            for source in list(self._sources):
+                try:
+                    source.refresh()
+                except Exception as exc:
+                    self.source_failed(source, exc)
+            if StepEnd in self._handlers:
+                self.emit(StepEnd(run._step))
+        self.overhead_s += time.perf_counter() - start
+
+    def module_changed(self, module: torch.nn.Module) -> None:
+        run = self.run
+        if run._params is not None and run.owns(module):
+            run._changed()
+
+    def source_failed(self, source: Source, exc: BaseException) -> None:
+        with contextlib.suppress(Exception):
+            source.stop()
+        if source in self._sources:
+            self._sources.remove(source)
+        if source is self._modules:
+            self._modules = None
+        if source is self._optimizer_source:
+            self._optimizer_source = None
+        new = self._internal_error(f"source {type(source).__name__}", exc, None)
         if new:
             self._publish(new)
-
-    def wrap_hook(self, detector: Detector, fn: Callable[..., Findings]) -> Callable[..., None]:
-        """A hook that runs ``fn`` safely: findings are recorded, errors disable the detector."""
-
-        def hook(*args: Any, **kwargs: Any) -> None:
-            if detector._guard is None:
-                return
-            start = time.perf_counter()
-            new: list[Finding] = []
-            try:
-                out = fn(*args, **kwargs)
-                if out:
-                    new = [f for f in (self._record(f) for f in out) if f is not None]
-            except Exception as exc:
-                new = self._internal_error(detector, exc)
-            self.overhead_s += time.perf_counter() - start
-            if new:
-                self._publish(new)
-
-        return hook
 
     # ------------------------------------------------------------------ report
     def to_dict(self) -> dict[str, Any]:
@@ -320,9 +433,10 @@ class Guard:
         """Restore :meth:`state_dict`. The argument is not modified."""
         if not isinstance(state, dict) or state.get("version") != 1:
             raise ConfigurationError(f"Expected a gradguard state dict of version 1 but got {state!r:.80}")
-        self.step = int(state.get("step", 0))
-        self._step_base = self.step - max(self._optimizer_steps.values(), default=0)
-        self.iteration = int(state.get("iteration", 0))
+        run = self.run
+        run._step = int(state.get("step", 0))
+        self._step_base = run._step - max(run._optimizer_steps.values(), default=0)
+        run._iteration = int(state.get("iteration", 0))
         for data in state.get("findings", []):
             f = Finding.from_dict(data)
             self._findings.setdefault(f.key, f)
@@ -333,41 +447,46 @@ class Guard:
     # ------------------------------------------------------------------ internals
     def _attach_detector(self, det: Detector) -> None:
         try:
-            det.attach(self)
+            det.attach(self.run)
         except Exception as exc:
-            self._publish(self._internal_error(det, exc))
+            self._publish(self._internal_error(f"{det.code} {det.name}", exc, det))
             return
-        for event in det.events:
-            self._listeners[event].append((det, getattr(det, EVENTS[event])))
+        for event, attr in type(det).handlers().items():
+            self._handlers.setdefault(event, []).append((det, getattr(det, attr)))
 
     def _detach_detector(self, det: Detector) -> None:
-        for event in EVENTS:
-            self._listeners[event] = [(d, m) for d, m in self._listeners[event] if d is not det]
+        for event in list(self._handlers):
+            kept = [(d, m) for d, m in self._handlers[event] if d is not det]
+            if kept:
+                self._handlers[event] = kept
+            else:
+                del self._handlers[event]
         try:
             det.detach()
         except Exception:  # detaching must go on for the others
-            det._handles.clear()
-            det._guard = None
+            det._run = None
 
-    def _internal_error(self, det: Detector, exc: BaseException) -> list[Finding]:
-        if det.attached:
+    def _internal_error(self, what: str, exc: BaseException, det: Detector | None) -> list[Finding]:
+        if det is not None and det.attached:
             self._detach_detector(det)
         if not self.policy.enabled("GG000"):
             return []
+        kind = "detector" if det is not None else "gradguard's"
         finding = Finding(
             code="GG000",
             name="internal-error",
             severity=Severity.WARNING,
             message=(
-                f"detector {det.code} {det.name} failed with {type(exc).__name__}: {exc}; "
+                f"{kind} {what} failed with {type(exc).__name__}: {exc}; "
                 "it is disabled for the rest of the run, and training goes on"
             ),
             hint="Report this to gradguard with the traceback in data; ignore the rule meanwhile",
             location=user_location(),
-            where=f"{det.code} {det.name}",
-            step=self.step,
+            where=what,
+            step=self.run.step,
             data={
-                "detector": det.code,
+                "detector": det.code if det is not None else None,
+                "component": what,
                 "exception": f"{type(exc).__name__}: {exc}",
                 "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
             },
@@ -375,11 +494,36 @@ class Guard:
         recorded = self._record(finding)
         return [recorded] if recorded is not None else []
 
+    def _timed(self, event: Event) -> None:
+        start = time.perf_counter()
+        self.emit(event)
+        self.overhead_s += time.perf_counter() - start
+
+    def _deliver(self, event: Event) -> list[Finding]:
+        listeners = self._handlers.get(event.__class__)
+        if not listeners:
+            return []
+        new: list[Finding] = []
+        for det, method in list(listeners):
+            try:
+                out = method(event)
+                if out:
+                    for item in out:
+                        if isinstance(item, Revision):
+                            self.revise(item.finding, **item.changes)
+                            continue
+                        recorded = self._record(item)
+                        if recorded is not None:
+                            new.append(recorded)
+            except Exception as exc:
+                new.extend(self._internal_error(f"{det.code} {det.name}", exc, det))
+        return new
+
     def _record(self, finding: Finding) -> Finding | None:
         """Merge into the findings; return the finding if it is new."""
         known = self._findings.get(finding.key)
         if known is not None:
-            known.count += finding.count
+            self._findings[finding.key] = dataclasses.replace(known, count=known.count + finding.count)
             return None
         self._findings[finding.key] = finding
         return finding
@@ -393,80 +537,6 @@ class Guard:
         for callback in list(self.finding_callbacks):
             with contextlib.suppress(Exception):  # a report writer must never break training
                 callback(finding)
-
-    def _dispatch_collect(self, event: str, args: tuple[Any, ...]) -> list[Finding]:
-        listeners = self._listeners[event]
-        if not listeners:
-            return []
-        start = time.perf_counter()
-        new: list[Finding] = []
-        for det, method in list(listeners):
-            try:
-                out = method(*args)
-                if out:
-                    new.extend(f for f in (self._record(f) for f in out) if f is not None)
-            except Exception as exc:
-                new.extend(self._internal_error(det, exc))
-        self.overhead_s += time.perf_counter() - start
-        return new
-
-    def _dispatch(self, event: str, args: tuple[Any, ...]) -> None:
-        new = self._dispatch_collect(event, args)
-        if new:
-            self._publish(new)
-
-    # hooks -------------------------------------------------------------------
-    def _forward_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.iteration += 1
-        if self._listeners["forward"]:
-            self._dispatch("forward", (module, args, kwargs))
-
-    def _step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._listeners["step_pre"]:
-            self._dispatch("step_pre", (optimizer,))
-
-    def _step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        count = self._optimizer_steps.get(id(optimizer), 0) + 1
-        self._optimizer_steps[id(optimizer)] = count
-        if self._listeners["step_post"]:
-            self._dispatch("step_post", (optimizer,))
-        if self._step_base + count > self.step:
-            self.step = self._step_base + count
-            if self._listeners["step"]:
-                self._dispatch("step", ())
-
-    def _attach_global_hooks(self) -> None:
-        from torch.nn.modules import module as module_mod
-        from torch.optim import optimizer as optimizer_mod
-
-        self._handles.append(module_mod.register_module_forward_pre_hook(self._global_forward_pre))
-        self._handles.append(module_mod.register_module_forward_hook(self._global_forward_post, always_call=True))
-        self._handles.append(optimizer_mod.register_optimizer_step_pre_hook(self._global_step_pre))
-        self._handles.append(optimizer_mod.register_optimizer_step_post_hook(self._global_step_post))
-
-    def _global_forward_pre(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        depth = self._depth
-        self._depth = depth + 1
-        if depth or id(module) in self._skipped_ids:
-            return
-        if id(module) not in self._model_ids:
-            if next(module.parameters(), None) is None:
-                self._skipped_ids.add(id(module))  # a loss or other parameter-free module
-                return
-            self.add_model(module)
-        self._forward_pre(module, args, {})
-
-    def _global_forward_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if self._depth:
-            self._depth -= 1
-
-    def _global_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if id(optimizer) not in self._optimizer_ids:
-            self.add_optimizer(optimizer)
-        self._step_pre(optimizer, args, kwargs)
-
-    def _global_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._step_post(optimizer, args, kwargs)
 
 
 def _tuple(value: Iterable[str] | str | None) -> tuple[str, ...]:

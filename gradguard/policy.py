@@ -8,9 +8,9 @@ import os
 import warnings
 from collections.abc import Iterable
 
-from gradguard._frames import user_location
 from gradguard.errors import ConfigurationError, FindingError, FindingWarning
 from gradguard.findings import Finding, Severity
+from gradguard.introspect.frames import user_location
 from gradguard.rules import RULES, resolve_prefix
 
 

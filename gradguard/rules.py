@@ -20,10 +20,6 @@ RULES: dict[str, str] = {
     "GG601": "accumulation-batchnorm",
 }
 
-#: Rule pages of findings made outside the detectors, by code, for ``gradguard explain``.
-#: The component that makes such a finding registers its page here when it is imported.
-PAGES: dict[str, str] = {}
-
 _BY_NAME = {name: code for code, name in RULES.items()}
 
 

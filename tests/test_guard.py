@@ -9,7 +9,9 @@ from torch import nn
 
 import gradguard
 from gradguard import ConfigurationError, Detector, Guard
+from gradguard.detector import on
 from gradguard.detectors import DETECTORS
+from gradguard.events import BackwardPost, ModelAdded, StepEnd
 from gradguard.guard import active_guards
 
 
@@ -47,16 +49,17 @@ class Boom(Detector):
 
     code = "GG101"
     name = "missing-zero-grad"
-    events = frozenset({"model", "step"})
+    consumes = (ModelAdded, StepEnd)
 
     def setup(self):
         self.calls = 0
 
-    def on_model(self, module):
-        for p in module.parameters():
-            self.add_handle(p.register_post_accumulate_grad_hook(self.guarded(lambda p: None)))
+    @on(ModelAdded)
+    def _model(self, event):
+        return None
 
-    def on_step(self):
+    @on(StepEnd)
+    def _step(self, event):
         self.calls += 1
         if self.calls == 2:
             raise RuntimeError("boom")
@@ -173,12 +176,11 @@ def test_a_failing_detector_is_disabled_and_reported_once_and_training_goes_on()
 
 def test_a_failing_hook_is_caught_too():
     class BadHook(Boom):
-        def on_model(self, module):
-            def fail(p):
-                raise ValueError("bad hook")
+        consumes = (ModelAdded, StepEnd, BackwardPost)
 
-            for p in module.parameters():
-                self.add_handle(p.register_post_accumulate_grad_hook(self.guarded(fail)))
+        @on(BackwardPost)
+        def _after_backward(self, event):
+            raise ValueError("bad hook")
 
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -232,7 +234,7 @@ def test_state_dict_round_trips_without_mutating_its_input():
 def test_reading_a_frames_variables_never_empties_a_locals_dict_the_user_holds():
     import sys
 
-    from gradguard._frames import frame_variables
+    from gradguard.introspect.frames import frame_variables
 
     def user():
         hparams = locals()  # the user's own handle on the frame's snapshot

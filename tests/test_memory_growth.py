@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import gradguard
-from gradguard import _memory as mem
+from gradguard import memory as mem
 from gradguard.detectors import DETECTORS, MemoryGrowth
 
 HERE = os.path.abspath(__file__)
@@ -264,7 +264,8 @@ def test_state_dict_round_trips_and_report_is_json(tmp_path):
     with gradguard.Guard(model, opt, detectors=[fresh], policy="collect") as other:
         other.load_state_dict(loaded)
     assert loaded == state
-    assert det._handles == []
+    assert not model._forward_pre_hooks  # detectors hold no hooks; the guard removed its own
+    assert not model._forward_hooks
     assert not det.attached
     json.dumps(guard.to_dict())
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import gradguard
-from gradguard.detectors.numpy_alias import NumpyAliasMutated, patched
+from gradguard.detectors.numpy_alias import NumpyAliasMutated
+from gradguard.sources.numpy import patched
 
 from .helpers import line_of
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gradguard.detector import Detector
+from gradguard.detectors.accumulation_batchnorm import AccumulationBatchNorm
 from gradguard.detectors.frozen_norm_stats import FrozenNormStats
 from gradguard.detectors.frozen_param_updated import FrozenParamUpdated
 from gradguard.detectors.graph_retained import GraphRetained
@@ -25,10 +26,12 @@ DETECTORS: tuple[type[Detector], ...] = (
     FrozenNormStats,
     ParamWithoutGrad,
     NumpyAliasMutated,
+    AccumulationBatchNorm,
 )
 
 __all__ = [
     "DETECTORS",
+    "AccumulationBatchNorm",
     "FrozenNormStats",
     "FrozenParamUpdated",
     "GraphRetained",

@@ -7,9 +7,11 @@ import weakref
 import torch
 from torch.nn.modules.batchnorm import _NormBase
 
-from gradguard._frames import user_location
-from gradguard.detector import Detector, Findings
-from gradguard.findings import format_names
+from gradguard.detector import Detector, Findings, on
+from gradguard.events import StepEnd
+from gradguard.findings import Finding, format_names
+from gradguard.introspect.frames import user_location
+from gradguard.sampling import Rotation
 
 _STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -58,10 +60,11 @@ class FrozenNormStats(Detector):
     and sits in a module whose parameters are all frozen, but that is in train mode: each
     forward still overwrites ``running_mean`` and ``running_var``. ``requires_grad=False``
     stops gradients, not the statistics, which ``model.train()`` turns back on. gradguard
-    watches the version counters of the running-stat buffers between steps, and reports a
-    layer once its statistics changed over two steps while its parameters stayed frozen
-    and unchanged (so a GAN discriminator frozen only during the generator's step, and
-    trained in between, is not reported); no value is read.
+    watches the version counters of the running-stat buffers between steps (of every such
+    layer during the first steps, then of a rotating few), and reports a layer once its
+    statistics changed over two looks while its parameters stayed frozen and unchanged
+    (so a GAN discriminator frozen only during the generator's step, and trained in
+    between, is not reported); no value is read.
 
     **Why it matters.** The frozen backbone is no longer the pretrained one: its
     statistics drift to the new data, often from small fine-tuning batches, while its
@@ -85,40 +88,51 @@ class FrozenNormStats(Detector):
     code = "GG404"
     name = "frozen-norm-stats-updating"
     hint = "Call .eval() on the frozen part after each model.train() (e.g. model.backbone.eval())"
-    events = frozenset({"model", "step"})
+    consumes = (StepEnd,)
     state_fields = ("flagged",)
 
     def setup(self) -> None:
         self.flagged: list[str] = []
-        self._norms: list[_Norm] = []
-        self._seen: set[int] = set()
+        self._norms: dict[int, _Norm] = {}
+        self._list: list[_Norm] = []
+        self._structure = -1
+        self._rotation = Rotation(self.run.budget.wide())
 
     def teardown(self) -> None:
         self._norms.clear()
-        self._seen.clear()
+        self._list = []
 
-    def on_model(self, module: torch.nn.Module) -> Findings:
-        parents: dict[str, torch.nn.Module] = {}
-        for name, sub in module.named_modules(remove_duplicate=True):
-            parents[name] = sub
-            if not isinstance(sub, _NormBase) or id(sub) in self._seen:
-                continue
-            if not sub.track_running_stats or sub._buffers.get("num_batches_tracked") is None:
-                continue  # no running statistics to update
-            self._seen.add(id(sub))
-            owner: torch.nn.Module | None = sub
-            if next(sub.parameters(recurse=False), None) is None:
-                owner = _enclosing_with_params(name, parents)
-            self._norms.append(_Norm(sub, name, owner))
-        return None
+    def _refresh(self) -> None:
+        """The norm layers with running statistics of every model (when the models changed)."""
+        norms: dict[int, _Norm] = {}
+        for model in self.run.models():
+            parents: dict[str, torch.nn.Module] = {}
+            for name, sub in model.named_modules(remove_duplicate=True):
+                parents[name] = sub
+                if not isinstance(sub, _NormBase) or id(sub) in norms:
+                    continue
+                if not sub.track_running_stats or sub._buffers.get("num_batches_tracked") is None:
+                    continue  # no running statistics to update
+                known = self._norms.get(id(sub))
+                if known is not None and known.ref() is sub:
+                    norms[id(sub)] = known
+                    continue
+                owner: torch.nn.Module | None = sub
+                if next(sub.parameters(recurse=False), None) is None:
+                    owner = _enclosing_with_params(name, parents)
+                norms[id(sub)] = _Norm(sub, name, owner)
+        self._norms = norms
+        self._list = list(norms.values())
+        self._structure = self.run.structure
 
-    def on_step(self) -> Findings:
+    @on(StepEnd)
+    def _step(self, event: StepEnd) -> Findings:
+        if self._structure != self.run.structure:
+            self._refresh()
         updated: list[str] = []
-        dead = False
-        for norm in self._norms:
+        for norm in self._rotation.select([self._list], event.step):
             module = norm.ref()
             if module is None:
-                dead = True
                 continue
             versions = _versions(module)
             if versions == norm.versions:
@@ -132,23 +146,19 @@ class FrozenNormStats(Detector):
             if frozen is not None and frozen == norm.pending:
                 updated.append(norm.name)
             norm.pending = frozen
-        if dead:
-            self._norms = [n for n in self._norms if n.ref() is not None]
         if not updated:
             return None
         self.flagged.extend(updated)
-        message = (
-            f"{len(updated)} normalisation layer(s) with frozen parameters are in train mode, and their "
-            f"running statistics changed during this step: {format_names(updated)}"
-        )
-        return [
-            self.finding(
-                message,
-                where=format_names(updated),
-                location=user_location(),
-                data={"modules": updated[:100], "num_modules": len(updated)},
+
+        def build(names: list[str]) -> Finding:
+            message = (
+                f"{len(names)} normalisation layer(s) with frozen parameters are in train mode, and their "
+                f"running statistics changed during this step: {format_names(names)}"
             )
-        ]
+            data = {"modules": names[:100], "num_modules": len(names)}
+            return self.finding(message, where=format_names(names), location=user_location(), data=data)
+
+        return [self.grow("frozen-norms", updated, build)]
 
 
 def _enclosing_with_params(name: str, modules: dict[str, torch.nn.Module]) -> torch.nn.Module | None:

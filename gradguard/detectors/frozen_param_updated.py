@@ -6,9 +6,11 @@ from typing import Any
 
 import torch
 
-from gradguard._frames import user_location
-from gradguard.detector import Detector, Findings
-from gradguard.findings import Finding, format_names
+from gradguard.detector import Detector, Findings, on
+from gradguard.events import Close, StepPost, StepPre
+from gradguard.findings import Finding, Revision, format_names
+from gradguard.introspect.frames import user_location
+from gradguard.sampling import Rotation
 
 #: Optimizer state entries that keep moving a parameter when its gradient is zero.
 _MOMENTUM_STATE = ("momentum_buffer", "exp_avg", "ax")
@@ -48,8 +50,9 @@ class FrozenParamUpdated(Detector):
     a parameter frozen during training is a tensor of zeros rather than ``None`` (what
     ``zero_grad(set_to_none=False)`` leaves), the built-in optimizers still update it,
     and weight decay (``p -= lr * wd * p``) and momentum or Adam moments kept from before
-    the freezing move it step after step. gradguard compares each frozen parameter's
-    version counter before and after every step: exact, and no value is read.
+    the freezing move it step after step. gradguard compares the version counters of
+    frozen parameters before and after each step (all of them during the first steps,
+    then a rotating few per param group): exact, and no value is read.
 
     **Why it matters.** The "frozen" backbone drifts: weights shrink under weight decay
     or keep going in the last direction of the momentum, destroying the pretrained
@@ -76,29 +79,39 @@ class FrozenParamUpdated(Detector):
     certain from metadata alone (a gradient tensor present together with weight decay or
     momentum state). A write that leaves the values unchanged (plain SGD adding a zero
     gradient) also bumps the counter; it is reported only when weight decay or momentum
-    state make a real change certain.
+    state make a real change certain. Parameters found moving after the first finding of
+    an optimizer are added to that finding.
     """
 
     code = "GG402"
     name = "frozen-param-updated"
     hint = "Set p.grad = None for frozen parameters (zero_grad(set_to_none=True)) or keep them out of the optimizer"
-    events = frozenset({"step_pre", "step_post", "close"})
+    consumes = (StepPre, StepPost, Close)
     state_fields = ("flagged_steps",)
 
     def setup(self) -> None:
         self.flagged_steps = 0
         self._before: dict[int, list[tuple[torch.Tensor, int, dict[str, Any]]]] = {}
         self._reported: set[int] = set()
+        self._rotations: dict[int, Rotation] = {}
+        self._causes: dict[str, str] = {}
 
     def teardown(self) -> None:
         self._before.clear()
         self._reported.clear()
+        self._causes.clear()
 
-    def on_step_pre(self, optimizer: torch.optim.Optimizer) -> Findings:
+    @on(StepPre)
+    def _before_step(self, event: StepPre) -> Findings:
+        optimizer = event.optimizer
+        rotation = self._rotations.get(id(optimizer))
+        if rotation is None:
+            rotation = self._rotations[id(optimizer)] = Rotation(self.run.budget)
+        groups = optimizer.param_groups
+        tick = self.run.optimizer_steps(optimizer) + 1
         frozen = [
-            (p, p._version, group)
-            for group in optimizer.param_groups
-            for p in group["params"]
+            (p, p._version, groups[gi])
+            for gi, p in rotation.pairs([g["params"] for g in groups], tick)
             if not p.requires_grad and id(p) not in self._reported
         ]
         if frozen:
@@ -107,7 +120,9 @@ class FrozenParamUpdated(Detector):
             self._before.pop(id(optimizer), None)
         return None
 
-    def on_step_post(self, optimizer: torch.optim.Optimizer) -> Findings:
+    @on(StepPost)
+    def _after_step(self, event: StepPost) -> Findings:
+        optimizer = event.optimizer
         before = self._before.pop(id(optimizer), None)
         if not before:
             return None
@@ -117,32 +132,35 @@ class FrozenParamUpdated(Detector):
             if param._version != version:
                 if cause is None and param.grad is not None:
                     continue  # adding a zero gradient writes but changes nothing
-                changed.append((self.guard.param_name(param), cause or "the optimizer wrote to it"))
+                changed.append((self.run.param_name(param), cause or "the optimizer wrote to it"))
             elif group.get("fused") and cause is not None:
-                changed.append((self.guard.param_name(param), cause))  # fused kernels bump no version
+                changed.append((self.run.param_name(param), cause))  # fused kernels bump no version
             else:
                 continue
             self._reported.add(id(param))
         if not changed:
             return None
+        self.flagged_steps += 1
         return [self._finding(optimizer, changed)]
 
-    def on_close(self) -> Findings:
+    @on(Close)
+    def _close(self, event: Close) -> Findings:
         self._before.clear()
         return None
 
-    def _finding(self, optimizer: torch.optim.Optimizer, changed: list[tuple[str, str]]) -> Finding:
-        self.flagged_steps += 1
-        names = [n for n, _ in changed]
-        causes = sorted({c for _, c in changed})
-        opt_name = type(optimizer).__name__
-        message = (
-            f"{opt_name}.step() updated {len(names)} parameter(s) with requires_grad=False "
-            f"({format_names(names)}): {causes[0]}"
-        )
-        return self.finding(
-            message,
-            where=format_names(names),
-            location=user_location(),
-            data={"optimizer": opt_name, "parameters": names[:100], "num_parameters": len(names), "causes": causes},
-        )
+    def _finding(self, optimizer: torch.optim.Optimizer, changed: list[tuple[str, str]]) -> Finding | Revision:
+        causes = dict(changed)
+        self._causes.update(causes)
+
+        def build(names: list[str]) -> Finding:
+            why = sorted({self._causes[n] for n in names if n in self._causes})
+            message = (
+                f"{type(optimizer).__name__}.step() updated {len(names)} parameter(s) with requires_grad=False "
+                f"({format_names(names)}): {why[0]}"
+            )
+            data = {"optimizer": type(optimizer).__name__, "parameters": names[:100], "num_parameters": len(names)}
+            return self.finding(
+                message, where=format_names(names), location=user_location(), data=data | {"causes": why}
+            )
+
+        return self.grow(id(optimizer), list(causes), build)

@@ -7,15 +7,29 @@ from typing import Any
 
 import torch
 
-from gradguard._frames import name_in_frame, user_frame, user_location
-from gradguard.detector import Detector, Findings
-from gradguard.findings import Finding, format_names
+from gradguard.detector import Detector, Findings, on
+from gradguard.events import BackwardPost, BackwardPre, Close, StepPost, StepPre
+from gradguard.findings import Finding, Location, format_names
+from gradguard.introspect import device
+from gradguard.introspect.frames import user_frame, user_location
+from gradguard.introspect.naming import name_in_frame
+from gradguard.sampling import Rotation
 
 
 class _Record:
-    """What is known of one parameter's gradient, without holding any tensor."""
+    """What is known of one watched parameter's gradient, without holding any tensor."""
 
-    __slots__ = ("consumed", "grad_ref", "grad_version", "name", "param_ref", "param_version", "pending", "tainted")
+    __slots__ = (
+        "consumed",
+        "grad_ref",
+        "grad_version",
+        "name",
+        "param_ref",
+        "param_version",
+        "pending",
+        "suspect",
+        "tainted",
+    )
 
     def __init__(self, param: torch.Tensor, name: str) -> None:
         self.param_ref = weakref.ref(param)
@@ -24,46 +38,30 @@ class _Record:
         self.grad_version = -1
         self.param_version = param._version
         self.consumed = False  # an optimizer step has used the gradient as it is now
-        self.tainted = False  # the gradient holds content that an update already applied
-        self.pending: Any = None  # an unconfirmed taint: True, or a flag still on the device
-        if param.grad is not None:
-            self.grad_ref = weakref.ref(param.grad)
-            self.grad_version = param.grad._version
+        self.suspect = False  # backward is about to add to a gradient an update already applied
+        self.tainted = False  # it did: the gradient holds content an update already applied
+        self.pending: Any = None  # the gradient held values then: True, or a flag still on the device
 
+    def seen(self, param: torch.Tensor, grad: torch.Tensor | None, *, consumed: bool) -> None:
+        """Remember the gradient and the parameter as they are now."""
+        if grad is None:
+            self.grad_ref = None
+            self.grad_version = -1
+        else:
+            if self.grad_ref is None or self.grad_ref() is not grad:
+                self.grad_ref = weakref.ref(grad)
+            self.grad_version = grad._version
+        self.param_version = param._version
+        self.consumed = consumed
 
-class _DeviceFlag:
-    """A boolean computed on an accelerator, read only once the device has produced it."""
-
-    __slots__ = ("event", "host")
-
-    def __init__(self, flag: torch.Tensor) -> None:
-        self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
-        self.host.copy_(flag, non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
-
-    def ready(self) -> bool:
-        return bool(self.event.query())
-
-    def value(self) -> bool:
-        self.event.synchronize()  # a no-op once ready(); waits only at the end of a run
-        return bool(self.host.item())
-
-
-def _holds_values(grad: torch.Tensor) -> Any:
-    """Whether a gradient holds non-zero values: True/False, or a pending device flag.
-
-    Only runs when a stale gradient is suspected, to tell it from one zeroed through
-    ``.grad.data.zero_()``, which changes no version counter. It never waits for a GPU.
-    """
-    if grad.is_sparse or grad.device.type == "meta":
-        return True
-    flag = grad.ne(0).any()
-    if grad.device.type == "cpu":
-        return bool(flag)
-    if grad.device.type == "cuda":
-        return _DeviceFlag(flag)
-    return True
+    def unchanged(self, grad: torch.Tensor | None) -> bool:
+        """Whether the gradient is the same tensor, with the same contents, as when last seen."""
+        return (
+            grad is not None
+            and self.grad_ref is not None
+            and self.grad_ref() is grad
+            and (grad._version == self.grad_version)
+        )
 
 
 class MissingZeroGrad(Detector):
@@ -71,12 +69,12 @@ class MissingZeroGrad(Detector):
 
     **What it detects.** ``backward()`` adds to ``.grad``; it never overwrites it. When the
     gradients are not reset between two parameter updates, the next update applies the
-    new gradient *plus every gradient already applied before*. gradguard tracks each
-    parameter's gradient and the version counters of the gradient and the parameter, and
-    reports an update that uses a gradient which an earlier update already consumed and
-    nothing reset since. It covers optimizer steps, each inner update of LBFGS (which calls
-    the closure several times inside one ``step()``), and hand-written updates such as
-    ``p -= lr * p.grad`` with no optimizer at all.
+    new gradient *plus every gradient already applied before*. gradguard watches the
+    version counters of gradients and parameters around each ``backward()`` and each
+    optimizer step, and reports an update that uses a gradient which an earlier update
+    already consumed and nothing reset since. It covers optimizer steps, each inner update
+    of LBFGS (which calls the closure several times inside one ``step()``), and
+    hand-written updates such as ``p -= lr * p.grad`` with no optimizer at all.
 
     **Why it matters.** Training does not fail: the effective gradient is a running sum
     of every past gradient, so the update grows step after step, the loss oscillates or
@@ -98,10 +96,12 @@ class MissingZeroGrad(Detector):
             optimizer.step()          # GG101: gradients of earlier steps applied again
             # fix: optimizer.zero_grad() here (or before backward)
 
-    **How it knows, at no cost.** No tensor value is read on the normal path: two tiny
-    hooks per parameter compare version counters. Only when a stale gradient is suspected
-    is it checked for non-zero values, to tell it from one cleared with
-    ``.grad.data.zero_()`` (which bumps no counter); on a GPU this check never waits.
+    **How it knows, at no cost.** No hook sits on any parameter and no tensor value is
+    read on the normal path: before and after each ``backward()`` the version counters of
+    a few sampled parameters per param group are compared (every parameter during the
+    first 32 steps and at scheduled sweeps; see ``Guard(budget=...)``). Only when a stale
+    gradient is suspected is it checked for non-zero values, to tell it from one cleared
+    with ``.grad.data.zero_()`` (which bumps no counter); on a GPU this check never waits.
     A gradient changed in place between the last update and the next ``backward()`` by
     anything but ``backward()`` counts as reset.
     """
@@ -109,153 +109,168 @@ class MissingZeroGrad(Detector):
     code = "GG101"
     name = "missing-zero-grad"
     hint = "Call optimizer.zero_grad() once per optimizer step (after step() or before backward())"
-    events = frozenset({"model", "optimizer", "step_pre", "step_post", "close"})
+    consumes = (BackwardPre, BackwardPost, StepPre, StepPost, Close)
     state_fields = ("flagged_updates",)
 
     def setup(self) -> None:
         self.flagged_updates = 0
         self._records: dict[int, _Record] = {}
-        self._pending: dict[int, _Record] = {}
-        self._owned: set[int] | None = None
-        self._deferred: list[tuple[list[_Record], Any, str, bool]] = []
+        self._watch: dict[int, list[_Record]] = {}  # by optimizer (0: parameters no optimizer owns)
+        self._pending: list[_Record] = []
+        self._deferred: list[tuple[list[_Record], Location | None, str, bool]] = []
+        self._by_optimizer: dict[int, Rotation] = {}
+        self._orphans = Rotation(self.run.budget)
+        self._orphan_structure = -1
+        self._orphan_params: list[torch.Tensor] = []
 
     def teardown(self) -> None:
         self._records.clear()
+        self._watch.clear()
         self._pending.clear()
         self._deferred.clear()
-        self._owned = None
+        self._orphan_params = []
 
-    # ---------------------------------------------------------------- tracking
-    def _track(self, param: torch.Tensor) -> _Record | None:
+    # ---------------------------------------------------------------- watching
+    def _record(self, param: torch.Tensor) -> _Record | None:
         rec = self._records.get(id(param))
         if rec is not None and rec.param_ref() is param:
             return rec
         if not param.requires_grad or not param.is_leaf or torch.nn.parameter.is_lazy(param):
-            return None  # a lazy parameter is tracked once materialised, at its optimizer's step
-        rec = _Record(param, self.guard.param_name(param))
+            return None  # a lazy parameter is watched once materialised
+        rec = _Record(param, self.run.param_name(param))
+        rec.seen(param, param.grad, consumed=False)
         self._records[id(param)] = rec
-        self.add_handle(param.register_hook(self.guarded(self._make_pre_hook(rec))))
-        self.add_handle(param.register_post_accumulate_grad_hook(self.guarded(self._make_post_hook(rec))))
+        if len(self._records) > 4 * len(self.run.named_parameters()) + 1024:
+            self._records = {k: r for k, r in self._records.items() if r.param_ref() is not None}
         return rec
 
-    def _make_pre_hook(self, rec: _Record) -> Any:
-        def before_accumulate(incoming: torch.Tensor) -> Findings:
-            param = rec.param_ref()
-            if param is None:
-                return None
-            grad = param.grad
-            if grad is None or rec.grad_ref is None or rec.grad_ref() is not grad or grad._version != rec.grad_version:
-                rec.tainted = False
-                rec.pending = None
-                return None
-            if rec.consumed or param._version != rec.param_version:
-                # an update used this gradient, and backward() now adds to it
-                rec.tainted = True
-                rec.pending = _holds_values(grad)
-                self._pending[id(param)] = rec
-                if self._owner(param) is None:
-                    return self._report_orphan(rec)
-            return None
+    def _sample(self, key: int, params: list[torch.Tensor], *, consumed: bool) -> None:
+        """Watch these parameters from now on, as they are now."""
+        watched = []
+        for param in params:
+            rec = self._record(param)
+            if rec is not None:
+                rec.seen(param, param.grad, consumed=consumed)
+                rec.suspect = rec.tainted = False
+                watched.append(rec)
+        self._watch[key] = watched
 
-        return before_accumulate
-
-    def _make_post_hook(self, rec: _Record) -> Any:
-        def after_accumulate(param: torch.Tensor) -> Findings:
-            grad = param.grad
-            if grad is None:
-                return None
-            if rec.grad_ref is None or rec.grad_ref() is not grad:
-                rec.grad_ref = weakref.ref(grad)
-            rec.grad_version = grad._version
-            rec.param_version = param._version
-            rec.consumed = False
-            return None
-
-        return after_accumulate
-
-    def _owner(self, param: torch.Tensor) -> torch.optim.Optimizer | None:
-        for opt in self.guard.optimizers():
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if p is param:
-                        return opt
-        return None
+    def _orphan_sample(self) -> list[torch.Tensor]:
+        """The next few parameters of the models that no optimizer owns (hand-written updates)."""
+        run = self.run
+        if self._orphan_structure != run.structure:
+            self._orphan_structure = run.structure
+            self._orphan_params = [p for _, p in run.named_parameters() if run.owner(p) is None]
+        return self._orphans.select([self._orphan_params], run.backwards)
 
     # ---------------------------------------------------------------- events
-    def on_model(self, module: torch.nn.Module) -> Findings:
-        for param in module.parameters():
-            self._track(param)
-        return None
-
-    def on_optimizer(self, optimizer: torch.optim.Optimizer) -> Findings:
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                self._track(param)
-        return None
-
-    def on_step_pre(self, optimizer: torch.optim.Optimizer) -> Findings:
-        if not self._pending and not self._deferred:
-            return None
-        return self._report(optimizer, during_step=False)
-
-    def on_step_post(self, optimizer: torch.optim.Optimizer) -> Findings:
-        out = self._report(optimizer, during_step=True) if self._pending or self._deferred else None
-        records = self._records
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                grad = param.grad
-                if grad is None:
+    @on(BackwardPre)
+    def _before_backward(self, event: BackwardPre) -> Findings:
+        for optimizer in self.run.optimizers():
+            if id(optimizer) not in self._watch:  # not stepped yet: watch it as it is
+                self._sample(id(optimizer), self._rotation(optimizer).select(_groups(optimizer), 0), consumed=False)
+        if not self.run.step and 0 not in self._watch:
+            self._sample(0, self._orphan_sample(), consumed=False)
+        for recs in self._watch.values():
+            for rec in recs:
+                param = rec.param_ref()
+                if param is None:
                     continue
-                rec = records.get(id(param))
-                if rec is None or rec.param_ref() is not param:
-                    rec = self._track(param)
-                    if rec is None:
-                        continue
-                if rec.grad_ref is None or rec.grad_ref() is not grad:
-                    rec.grad_ref = weakref.ref(grad)
-                rec.grad_version = grad._version
-                rec.param_version = param._version
-                rec.consumed = True
-                rec.tainted = False
+                grad = param.grad
+                unchanged = rec.unchanged(grad)
+                if not unchanged:
+                    rec.tainted = False  # reset (or replaced) since: whatever it held is gone
+                rec.suspect = unchanged and (rec.consumed or param._version != rec.param_version)
+                if rec.suspect and grad is not None and not rec.tainted:
+                    rec.pending = device.holds_values(grad)  # zeroed through .data leaves no version trace
+        return None
+
+    @on(BackwardPost)
+    def _after_backward(self, event: BackwardPost) -> Findings:
+        out: list[Finding] = []
+        for recs in self._watch.values():
+            for rec in recs:
+                param = rec.param_ref()
+                if param is None:
+                    continue
+                grad = param.grad
+                if rec.unchanged(grad):
+                    rec.suspect = False  # this backward did not reach it
+                    continue
+                if rec.suspect and grad is not None and rec.grad_ref is not None and rec.grad_ref() is grad:
+                    # backward added to a gradient that an update had already applied
+                    if self.run.owner(param) is None:
+                        out.extend(self._orphan(rec))
+                    elif not rec.tainted:
+                        rec.tainted = True
+                        self._pending.append(rec)
+                elif rec.suspect and not rec.tainted:
+                    rec.pending = None
+                rec.suspect = False
+                rec.seen(param, grad, consumed=False)
+        if 0 in self._watch and not self.run.step:
+            self._sample(0, self._orphan_sample(), consumed=False)
         return out
 
-    def on_close(self) -> Findings:
-        return self._drain_deferred(final=True)
+    @on(StepPre)
+    def _before_step(self, event: StepPre) -> Findings:
+        if not self._pending and not self._deferred:
+            return None
+        return self._report(event.optimizer, during_step=False)
+
+    @on(StepPost)
+    def _after_step(self, event: StepPost) -> Findings:
+        optimizer = event.optimizer
+        out = self._report(optimizer, during_step=True) if self._pending or self._deferred else None
+        ticks = self.run.optimizer_steps(optimizer)
+        self._sample(id(optimizer), self._rotation(optimizer).select(_groups(optimizer), ticks), consumed=True)
+        self._watch.pop(0, None)
+        return out
+
+    def _rotation(self, optimizer: torch.optim.Optimizer) -> Rotation:
+        rotation = self._by_optimizer.get(id(optimizer))
+        if rotation is None:
+            rotation = self._by_optimizer[id(optimizer)] = Rotation(self.run.budget)
+        return rotation
+
+    @on(Close)
+    def _close(self, event: Close) -> Findings:
+        return self._drain(final=True)
 
     # ---------------------------------------------------------------- reporting
     def _report(self, optimizer: torch.optim.Optimizer, *, during_step: bool) -> list[Finding]:
-        out = self._drain_deferred(final=False)
+        out = self._drain(final=False)
         if not self._pending:
             return out
         mine: list[_Record] = []
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                rec = self._pending.get(id(param))
-                if rec is None:
-                    continue
-                grad: torch.Tensor | None = param.grad
-                if rec.param_ref() is not param:
-                    continue
-                del self._pending[id(param)]
-                if rec.tainted and grad is not None and rec.grad_ref is not None and rec.grad_ref() is grad:
-                    mine.append(rec)
+        rest: list[_Record] = []
+        for rec in self._pending:
+            param = rec.param_ref()
+            if param is None or not rec.tainted:
+                continue
+            (mine if self.run.owner(param) is optimizer else rest).append(rec)
+        self._pending = rest
+        for rec in mine:
+            rec.tainted = False
+        mine = [r for r in mine if r.pending is not None]
         if not mine:
             return out
         frame = user_frame()
         location = user_location(frame) if frame is not None else None
-        variable = name_in_frame(optimizer, frame)
+        variable = name_in_frame(frame, optimizer, globals_=True, attributes=False)
         opt_name = type(optimizer).__name__ if variable is None else f"{variable} ({type(optimizer).__name__})"
         self._deferred.append((mine, location, opt_name, during_step))
-        return out + self._drain_deferred(final=False)
+        return out + self._drain(final=False)
 
-    def _drain_deferred(self, *, final: bool) -> list[Finding]:
+    def _drain(self, *, final: bool) -> list[Finding]:
         out: list[Finding] = []
         keep = []
         for recs, location, opt_name, during_step in self._deferred:
-            if not final and any(isinstance(r.pending, _DeviceFlag) and not r.pending.ready() for r in recs):
+            values = [device.resolve(r.pending, wait=final) for r in recs]
+            if any(v is None for v in values):
                 keep.append((recs, location, opt_name, during_step))
                 continue
-            stale = [r for r in recs if _confirmed(r.pending)]
+            stale = [r for r, v in zip(recs, values, strict=True) if v]
             for r in recs:
                 r.pending = None
             if stale:
@@ -263,7 +278,7 @@ class MissingZeroGrad(Detector):
         self._deferred = keep
         return out
 
-    def _finding(self, recs: list[_Record], location: Any, opt_name: str, during_step: bool) -> Finding:
+    def _finding(self, recs: list[_Record], location: Location | None, opt_name: str, during_step: bool) -> Finding:
         self.flagged_updates += 1
         names = [r.name for r in recs]
         step_call = opt_name.split(" ")[0] + ".step()"
@@ -289,11 +304,11 @@ class MissingZeroGrad(Detector):
             data={"optimizer": opt_name, "parameters": names[:100], "num_parameters": len(names)},
         )
 
-    def _report_orphan(self, rec: _Record) -> Findings:
-        if isinstance(rec.pending, _DeviceFlag) or not _confirmed(rec.pending):
-            return None  # zeroed through .data, or cannot be told without waiting: stay silent
-        self._pending = {k: r for k, r in self._pending.items() if r is not rec}
+    def _orphan(self, rec: _Record) -> list[Finding]:
+        value = device.resolve(rec.pending, wait=False)
         rec.pending = None
+        if not value:
+            return []  # zeroed through .data, or cannot be told without waiting: stay silent
         self.flagged_updates += 1
         return [
             self.finding(
@@ -307,7 +322,5 @@ class MissingZeroGrad(Detector):
         ]
 
 
-def _confirmed(pending: Any) -> bool:
-    if isinstance(pending, _DeviceFlag):
-        return pending.value()
-    return bool(pending)
+def _groups(optimizer: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
+    return [group["params"] for group in optimizer.param_groups]

@@ -6,16 +6,15 @@ import weakref
 
 import torch
 
-from gradguard._frames import user_location
-from gradguard.detector import Detector, Findings
-from gradguard.findings import Finding, format_names
+from gradguard.detector import Detector, Findings, on
+from gradguard.events import Close, StepPre
+from gradguard.findings import Finding, Revision, format_names
+from gradguard.introspect.frames import user_location
+from gradguard.sampling import Rotation
 
 #: Steps a suspect must stay unowned and unchanged before it is reported. Gives every
 #: optimizer of the run (found at its first step() under ``gradguard run``) time to show.
 _CONFIRM_STEPS = 2
-#: Every step is checked up to this one, then every ``_CHECK_EVERY`` steps.
-_EVERY_STEP_UNTIL = 8
-_CHECK_EVERY = 4
 
 
 class _Suspect:
@@ -39,7 +38,8 @@ class ParamNotInOptimizer(Detector):
     checked by identity (``is``), never by value, so two zero-initialised biases are never
     confused. A parameter is reported only once it has kept a gradient and an unchanged
     version counter (nobody wrote to it) for a few steps while at least one optimizer is
-    known, so hand-written updates and optimizers that step later are not reported.
+    known, so hand-written updates and optimizers that step later are not reported. Every
+    parameter is checked at every step during the first steps, then a rotating few.
 
     **Why it matters.** Training runs, the loss may even go down through the other
     layers, but the new head keeps its random initialisation.
@@ -67,53 +67,44 @@ class ParamNotInOptimizer(Detector):
         "Create the optimizer after the model is final, or optimizer.add_param_group({'params': [...]}); "
         "if they are not meant to train, freeze them with requires_grad_(False)"
     )
-    events = frozenset({"step_pre", "close"})
+    consumes = (StepPre, Close)
     state_fields = ("flagged",)
 
     def setup(self) -> None:
         self.flagged: list[str] = []
-        self._owned: set[int] = set()
-        self._owned_key: tuple[int, ...] = ()
         self._suspects: dict[int, _Suspect] = {}
         self._reported: set[int] = set()
         self._checked_step = -1
+        self._rotation = Rotation(self.run.budget.wide())
 
     def teardown(self) -> None:
-        self._owned.clear()
         self._suspects.clear()
         self._reported.clear()
 
-    def _owned_ids(self, optimizers: list[torch.optim.Optimizer]) -> set[int]:
-        key = tuple(x for opt in optimizers for g in opt.param_groups for x in (id(g["params"]), len(g["params"])))
-        if key != self._owned_key:
-            self._owned = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
-            self._owned_key = key
-        return self._owned
-
-    def on_step_pre(self, optimizer: torch.optim.Optimizer) -> Findings:
-        step = self.guard.step
-        if step == self._checked_step or (step >= _EVERY_STEP_UNTIL and step % _CHECK_EVERY):
-            return None  # once per step, and on a schedule after the first steps
+    @on(StepPre)
+    def _before_step(self, event: StepPre) -> Findings:
+        run = self.run
+        step = run.step
+        if step == self._checked_step:
+            return None  # once per step
         self._checked_step = step
-        optimizers = self.guard.optimizers()
+        optimizers = run.optimizers()
         if not optimizers:
             return None
-        owned = self._owned_ids(optimizers)
         confirmed: list[str] = []
-        for model in self.guard.models():
-            for name, p in model.named_parameters():
-                if p.grad is None or not p.requires_grad:
-                    continue
-                key = id(p)
-                if key in owned or key in self._reported:
-                    continue
-                sus = self._suspects.get(key)
-                if sus is None or sus.ref() is not p or p._version != sus.version:
-                    self._suspects[key] = _Suspect(p, name, step)
-                elif step - sus.step >= _CONFIRM_STEPS:
-                    confirmed.append(name)
-                    self._reported.add(key)
-                    del self._suspects[key]
+        for name, p in self._rotation.select([run.named_parameters()], step + 1):
+            if p.grad is None or not p.requires_grad:
+                continue
+            key = id(p)
+            if key in self._reported or run.owner(p) is not None:
+                continue
+            sus = self._suspects.get(key)
+            if sus is None or sus.ref() is not p or p._version != sus.version:
+                self._suspects[key] = _Suspect(p, name, step)
+            elif step - sus.step >= _CONFIRM_STEPS:
+                confirmed.append(name)
+                self._reported.add(key)
+                del self._suspects[key]
         if len(self._suspects) > 10_000:
             self._suspects = {k: s for k, s in self._suspects.items() if s.ref() is not None}
         if not confirmed:
@@ -121,19 +112,20 @@ class ParamNotInOptimizer(Detector):
         self.flagged.extend(confirmed)
         return [self._finding(confirmed, optimizers)]
 
-    def on_close(self) -> Findings:
+    @on(Close)
+    def _close(self, event: Close) -> Findings:
         self._suspects.clear()
         return None
 
-    def _finding(self, names: list[str], optimizers: list[torch.optim.Optimizer]) -> Finding:
+    def _finding(self, names: list[str], optimizers: list[torch.optim.Optimizer]) -> Finding | Revision:
         opts = [type(o).__name__ for o in optimizers]
-        message = (
-            f"{len(names)} parameter(s) receive gradients but belong to no optimizer "
-            f"({', '.join(opts)}) and nothing updates them: {format_names(names)}"
-        )
-        return self.finding(
-            message,
-            where=format_names(names),
-            location=user_location(),
-            data={"parameters": names[:100], "num_parameters": len(names), "optimizers": opts},
-        )
+
+        def build(names: list[str]) -> Finding:
+            message = (
+                f"{len(names)} parameter(s) receive gradients but belong to no optimizer "
+                f"({', '.join(opts)}) and nothing updates them: {format_names(names)}"
+            )
+            data = {"parameters": names[:100], "num_parameters": len(names), "optimizers": opts}
+            return self.finding(message, where=format_names(names), location=user_location(), data=data)
+
+        return self.grow("unowned", names, build)

@@ -8,23 +8,35 @@ from typing import Any
 import torch
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-from gradguard._frames import user_location
-from gradguard.detector import Detector, Findings
-from gradguard.findings import Finding, format_names
+from gradguard.detector import Detector, Findings, on
+from gradguard.events import BackwardPost, BackwardPre, Close, ModelAdded, StepPre
+from gradguard.findings import Finding, Revision, format_names
+from gradguard.introspect.frames import user_location
+from gradguard.sampling import Budget, Rotation
 
 
 class _Record:
     """How long one parameter has gone without a gradient, without holding a tensor."""
 
-    __slots__ = ("grad_ref", "hooked", "missed", "name", "ref", "touched")
+    __slots__ = ("grad_ref", "grad_version", "last_tick", "missed", "name", "ref", "touched")
 
-    def __init__(self, param: torch.Tensor, name: str) -> None:
+    def __init__(self, param: torch.Tensor, name: str, tick: int) -> None:
         self.ref = weakref.ref(param)
         self.name = name
         self.missed = 0  # consecutive steps of its optimizer without a gradient
-        self.grad_ref: weakref.ref[torch.Tensor] | None = None  # the .grad seen at the last step
-        self.hooked = False  # a post-accumulate hook watches backward (reused .grad tensors)
+        self.last_tick = tick - 1  # the last step it was looked at
+        self.grad_ref: weakref.ref[torch.Tensor] | None = None  # its .grad when last looked at
+        self.grad_version = -1
         self.touched = False  # backward accumulated into it since the last step
+
+    def look(self, grad: torch.Tensor | None) -> None:
+        self.grad_ref = weakref.ref(grad) if grad is not None else None
+        self.grad_version = grad._version if grad is not None else -1
+
+    def changed(self, grad: torch.Tensor | None) -> bool:
+        if grad is None:
+            return False
+        return self.grad_ref is None or self.grad_ref() is not grad or grad._version != self.grad_version
 
 
 class ParamWithoutGrad(Detector):
@@ -37,7 +49,9 @@ class ParamWithoutGrad(Detector):
     that gets a gradient on some steps (heads of several tasks trained in turn) is fine.
     With ``zero_grad()`` (``set_to_none=True``) a missing gradient is a ``.grad`` of
     ``None`` at ``step()``; when ``.grad`` tensors are kept and zeroed in place instead,
-    a small hook tells whether backward reached the parameter. No value is read.
+    their version counters before and after each ``backward()`` tell whether backward
+    reached the parameter. No value is read. Every parameter is watched during the first
+    steps, then blocks of a few per param group, each for ``window`` steps in a row.
 
     **Why it matters.** The parameter never learns, though the optimizer lists it and
     nothing fails; with the detached path the model can still fit, more poorly.
@@ -62,7 +76,7 @@ class ParamWithoutGrad(Detector):
     code = "GG405"
     name = "param-without-grad"
     hint = "Use the parameter itself in forward (not .data, .detach() or no_grad), or freeze it and drop it"
-    events = frozenset({"model", "step_pre", "close"})
+    consumes = (ModelAdded, BackwardPre, BackwardPost, StepPre, Close)
     state_fields = ("flagged", "summary")
 
     def __init__(self, window: int = 20) -> None:
@@ -76,108 +90,123 @@ class ParamWithoutGrad(Detector):
         self.summary: dict[str, dict[str, dict[str, int]]] = {}
         self._records: dict[int, _Record] = {}
         self._reported: set[int] = set()
+        self._watch: dict[int, list[_Record]] = {}  # by optimizer: looked at around each backward()
+        self._rotations: dict[int, Rotation] = {}
+        budget = self.run.budget
+        # a few more per group than other checks: each sample stays for `window` steps
+        self._budget = (
+            budget
+            if budget.per_group is None
+            else Budget(
+                per_group=4 * budget.per_group, max_groups=budget.max_groups, warmup=budget.warmup, sweep_every=0
+            )
+        )
 
     def teardown(self) -> None:
         self._records.clear()
         self._reported.clear()
+        self._watch.clear()
 
     # ---------------------------------------------------------------- events
-    def on_model(self, module: torch.nn.Module) -> Findings:
+    @on(ModelAdded)
+    def _model(self, event: ModelAdded) -> Findings:
+        module = event.module
         key = type(module).__name__
         if key in self.summary:
             key = f"{key}#{len(self.summary)}"
         self.summary[key] = _parameter_summary(module)
         return None
 
-    def on_step_pre(self, optimizer: torch.optim.Optimizer) -> Findings:
+    @on(BackwardPre)
+    def _before_backward(self, event: BackwardPre) -> Findings:
+        for recs in self._watch.values():
+            for rec in recs:
+                param = rec.ref()
+                if param is not None:
+                    rec.look(param.grad)
+        return None
+
+    @on(BackwardPost)
+    def _after_backward(self, event: BackwardPost) -> Findings:
+        for recs in self._watch.values():
+            for rec in recs:
+                param = rec.ref()
+                if param is not None and rec.changed(param.grad):
+                    rec.touched = True
+        return None
+
+    @on(StepPre)
+    def _before_step(self, event: StepPre) -> Findings:
+        optimizer = event.optimizer
+        tick = self.run.optimizer_steps(optimizer) + 1
+        rotation = self._rotations.get(id(optimizer))
+        if rotation is None:
+            rotation = self._rotations[id(optimizer)] = Rotation(self._budget, dwell=self.window)
         missing: list[str] = []
+        watched: list[_Record] = []
         records = self._records
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                rec = records.get(id(p))
-                if not p.requires_grad:
-                    if rec is not None:
-                        rec.missed = 0  # frozen: the count starts again once unfrozen
-                    continue
-                if rec is None or rec.ref() is not p:
-                    rec = records[id(p)] = _Record(p, self.guard.param_name(p))
-                grad = p.grad
-                if grad is None:
-                    got = False
-                elif rec.hooked:
-                    got = rec.touched
-                elif rec.grad_ref is not None and rec.grad_ref() is grad:
-                    # the same .grad tensor as last step: zeroed in place or accumulated
-                    # into, which only a hook can tell apart; trust this step, watch the next
-                    got = True
-                    rec.hooked = True
-                    self.add_handle(p.register_post_accumulate_grad_hook(self.guarded(_make_hook(rec))))
-                else:
-                    got = True
-                rec.grad_ref = weakref.ref(grad) if grad is not None else None
-                rec.touched = False
-                if got:
-                    rec.missed = 0
-                    continue
-                rec.missed += 1
-                if rec.missed >= self.window and id(p) not in self._reported:
-                    self._reported.add(id(p))
-                    missing.append(rec.name)
+        for p in rotation.select([g["params"] for g in optimizer.param_groups], tick):
+            rec = records.get(id(p))
+            if rec is None or rec.ref() is not p:
+                rec = records[id(p)] = _Record(p, self.run.param_name(p), tick)
+            watched.append(rec)
+            continuous = rec.last_tick == tick - 1
+            rec.last_tick = tick
+            grad = p.grad
+            got = grad is not None and (rec.touched or rec.changed(grad) or not continuous)
+            rec.touched = False
+            rec.look(grad)
+            if not p.requires_grad or got:
+                rec.missed = 0  # frozen: the count starts again once unfrozen
+                continue
+            rec.missed = rec.missed + 1 if continuous else 1
+            if rec.missed >= self.window and id(p) not in self._reported:
+                self._reported.add(id(p))
+                missing.append(rec.name)
+        self._watch[id(optimizer)] = watched
+        if len(records) > 4 * len(watched) + 4096:
+            self._records = {k: r for k, r in records.items() if r.ref() is not None}
         if not missing:
             return None
         self.flagged.extend(missing)
-        return [self._finding(optimizer, missing, self._outside_models(optimizer, missing))]
+        return [self._finding(optimizer, missing)]
 
-    def on_close(self) -> Findings:
+    @on(Close)
+    def _close(self, event: Close) -> Findings:
         self._records.clear()
+        self._watch.clear()
         return None
 
     def report(self) -> dict[str, Any] | None:
         return {"parameters": self.summary} if self.summary else None
 
-    def _outside_models(self, optimizer: torch.optim.Optimizer, names: list[str]) -> int:
+    def _outside_models(self, names: list[str]) -> int:
         """How many of the named parameters are in no watched model (replaced layers)."""
-        models = self.guard.models()
-        if not models:
+        if not self.run.models():
             return 0
-        inside = {id(p) for m in models for p in m.parameters()}
+        inside = {id(p) for _, p in self.run.named_parameters()}
         wanted = set(names)
-        return sum(
-            1
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if id(p) not in inside and (rec := self._records.get(id(p))) is not None and rec.name in wanted
-        )
+        return sum(1 for key, rec in self._records.items() if rec.name in wanted and key not in inside)
 
-    def _finding(self, optimizer: torch.optim.Optimizer, names: list[str], outside: int) -> Finding:
+    def _finding(self, optimizer: torch.optim.Optimizer, missing: list[str]) -> Finding | Revision:
         opt_name = type(optimizer).__name__
-        message = (
-            f"{len(names)} parameter(s) of {opt_name} require gradients but received none in the last "
-            f"{self.window} steps: {format_names(names)}"
-        )
-        if outside:
-            message += (
-                f"; {outside} of them are no longer part of the model (a layer replaced after the optimizer was made?)"
+
+        def build(names: list[str]) -> Finding:
+            message = (
+                f"{len(names)} parameter(s) of {opt_name} require gradients but received none in the last "
+                f"{self.window} steps: {format_names(names)}"
             )
-        return self.finding(
-            message,
-            where=format_names(names),
-            location=user_location(),
-            data={
-                "optimizer": opt_name,
-                "parameters": names[:100],
-                "num_parameters": len(names),
-                "window": self.window,
-            },
-        )
+            outside = self._outside_models(names)
+            if outside:
+                message += (
+                    f"; {outside} of them are no longer part of the model (a layer replaced after the optimizer "
+                    "was made?)"
+                )
+            data = {"optimizer": opt_name, "parameters": names[:100], "num_parameters": len(names)}
+            data["window"] = self.window
+            return self.finding(message, where=format_names(names), location=user_location(), data=data)
 
-
-def _make_hook(rec: _Record) -> Any:
-    def accumulated(param: torch.Tensor) -> Findings:
-        rec.touched = True
-        return None
-
-    return accumulated
+        return self.grow(id(optimizer), missing, build)
 
 
 def _parameter_summary(module: torch.nn.Module) -> dict[str, dict[str, int]]:

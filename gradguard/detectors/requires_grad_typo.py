@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import linecache
-import re
-import sys
-from types import FrameType
+import functools
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from gradguard._frames import _display_path, _is_library_file, user_location
-from gradguard.detector import Detector, Findings
-from gradguard.findings import Finding, Location, format_names
+from gradguard.detector import Detector, Findings, on
+from gradguard.events import ModelAdded, OptimizerAdded, StepEnd
+from gradguard.findings import Finding, Location, Revision, format_names
+from gradguard.introspect.frames import display_path, user_files, user_location
+from gradguard.introspect.sites import attribute_assignments
+from gradguard.sampling import Rotation
 
 _TARGET = "requires_grad"
 _TARGET_KEY = "requiresgrad"
 _MAX_DISTANCE = 2
-#: Steps after attach at which parameters are checked again (typos set just after attach).
-_CHECK_STEPS = 3
 
 
 def _key(name: str) -> str:
@@ -92,8 +91,10 @@ class RequiresGradTypo(Detector):
     ``Requires_Grad``, ...) set on a parameter. Python accepts any attribute name on a
     tensor, so ``p.requres_grad = False`` raises nothing: it stores a new attribute that
     nothing reads, and the parameter keeps training. gradguard looks at the parameters'
-    own attributes when a model or optimizer becomes known and again at the first few
-    steps. A name counts as a near miss when, ignoring case and underscores, it is within
+    own attributes when a model or optimizer becomes known, and then at every step (all of
+    them during the first steps, then a rotating few), so a freeze done later in a
+    fine-tuning schedule is seen too. A name counts as a near miss when, ignoring case
+    and underscores, it is within
     two edits (insertions, deletions, substitutions, swaps of neighbours) of
     ``requires_grad``; the real attribute and the other attributes tensors have are never
     reported, nor is a misspelt assignment that asked for what is already the case
@@ -119,40 +120,45 @@ class RequiresGradTypo(Detector):
     code = "GG401"
     name = "requires-grad-typo"
     hint = "Spell it requires_grad, or call module.requires_grad_(False) / p.requires_grad_(False)"
-    events = frozenset({"model", "optimizer", "step"})
+    consumes = (ModelAdded, OptimizerAdded, StepEnd)
     state_fields = ("flagged",)
 
     def setup(self) -> None:
         self.flagged: list[str] = []  # "attribute parameter" pairs already reported
         self._sources: dict[str, list[tuple[str, int]]] = {}
+        self._rotation = Rotation(self.run.budget.wide())
 
     def teardown(self) -> None:
         self._sources.clear()
 
     # ---------------------------------------------------------------- events
-    def on_model(self, module: torch.nn.Module) -> Findings:
-        return self._check(module.named_parameters(remove_duplicate=True))
+    @on(ModelAdded)
+    def _model(self, event: ModelAdded) -> Findings:
+        return self._check(event.module.named_parameters(remove_duplicate=True))
 
-    def on_optimizer(self, optimizer: torch.optim.Optimizer) -> Findings:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        return self._check((self.guard.param_name(p), p) for p in params)
+    @on(OptimizerAdded)
+    def _optimizer(self, event: OptimizerAdded) -> Findings:
+        params = [p for group in event.optimizer.param_groups for p in group["params"]]
+        return self._check((self.run.param_name(p), p) for p in params)
 
-    def on_step(self) -> Findings:
-        if self.guard.step > _CHECK_STEPS:
-            return None
-        named: dict[int, tuple[str, torch.Tensor]] = {}
-        for model in self.guard.models():
-            for name, p in model.named_parameters(remove_duplicate=True):
-                named.setdefault(id(p), (name, p))
-        for opt in self.guard.optimizers():
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if id(p) not in named:
-                        named[id(p)] = (self.guard.param_name(p), p)
-        return self._check(named.values())
+    @on(StepEnd)
+    def _step(self, event: StepEnd) -> Findings:
+        run = self.run
+        named = run.named_parameters()
+        if event.step <= run.budget.warmup:  # the optimizers' parameters outside the models, too
+            inside = {id(p) for _, p in named}
+            extra = [
+                (run.param_name(p), p)
+                for opt in run.optimizers()
+                for group in opt.param_groups
+                for p in group["params"]
+                if id(p) not in inside
+            ]
+            return self._check([*named, *extra])
+        return self._check(self._rotation.select([named], event.step))
 
     # ---------------------------------------------------------------- checking
-    def _check(self, named: Any) -> list[Finding]:
+    def _check(self, named: Iterable[tuple[str, Any]]) -> list[Finding | Revision]:
         by_attr: dict[str, list[tuple[str, Any, bool]]] = {}
         done = set(self.flagged)
         for name, param in named:
@@ -164,14 +170,16 @@ class RequiresGradTypo(Detector):
                     continue
                 if _value_ignored(param, value):
                     by_attr.setdefault(attr, []).append((name, value, param.requires_grad))
-        out: list[Finding] = []
+        out: list[Finding | Revision] = []
         for attr, hits in by_attr.items():
             names = [n for n, _, _ in hits]
             self.flagged.extend(f"{attr} {n}" for n in names)
-            out.append(self._finding(attr, names, hits[0][1], hits[0][2]))
+            out.append(
+                self.grow(attr, names, functools.partial(self._finding, attr, value=hits[0][1], trainable=hits[0][2]))
+            )
         return out
 
-    def _finding(self, attr: str, names: list[str], value: Any, trainable: bool) -> Finding:
+    def _finding(self, attr: str, names: list[str], *, value: Any, trainable: bool) -> Finding:
         lines = self._assignments(attr)
         location = Location(lines[0][0], lines[0][1]) if lines else user_location()
         state = "trainable" if trainable else "frozen"
@@ -197,28 +205,6 @@ class RequiresGradTypo(Detector):
         cached = self._sources.get(attr)
         if cached is not None:
             return cached
-        pattern = re.compile(
-            rf"\.\s*{re.escape(attr)}\s*(?:=(?!=)|:[^=]*=(?!=))|setattr\([^,]+,\s*['\"]{re.escape(attr)}['\"]"
-        )
-        found: list[tuple[str, int]] = []
-        for filename in _user_files():
-            for lineno, text in enumerate(linecache.getlines(filename), start=1):
-                if attr in text and pattern.search(text):
-                    found.append((_display_path(filename), lineno))
+        found = [(display_path(f), line) for f in user_files() for line in attribute_assignments(f, attr)]
         self._sources[attr] = found
         return found
-
-
-def _user_files() -> list[str]:
-    """The user's files on the stack now, innermost first, then the main script."""
-    files: list[str] = []
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not _is_library_file(filename) and not filename.startswith("<") and filename not in files:
-            files.append(filename)
-        frame = frame.f_back
-    main = getattr(sys.modules.get("__main__"), "__file__", None)
-    if main and not _is_library_file(main) and main not in files:
-        files.append(main)
-    return files

@@ -9,17 +9,17 @@ optimizer hooks, so manual optimization is watched like automatic optimization.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from gradguard.findings import Finding, Severity
+from gradguard.events import EpochEnd, EpochStart
+from gradguard.findings import Finding
 from gradguard.guard import DetectorSpec, Guard
 from gradguard.policy import Policy
 
@@ -39,11 +39,11 @@ class GradGuardCallback(Callback):
         log: send finding counts (and text, where the logger takes text) to the
             ``Trainer``'s loggers once per run, on rank zero.
 
-    After ``fit``, :attr:`findings` holds the findings, as :class:`gradguard.Finding`.
-    Besides the core detectors (``GG201`` already sees a torchmetrics ``Metric`` whose list
-    states hold autograd graphs, through the module's attributes), the callback reports
-    metric list states that are never reset and grow from epoch to epoch (``GG301``),
-    naming the metric's attribute.
+    After ``fit``, :attr:`findings` holds the findings, as :class:`gradguard.Finding`. The
+    callback tells the detectors where epochs start and end (``EpochStart``/``EpochEnd``
+    events, for training and validation), which is how ``GG301`` sees a torchmetrics
+    metric whose list state is never reset between epochs; ``GG201`` sees a metric whose
+    list state holds autograd graphs through the module's attributes.
 
     Example:
         >>> from gradguard.lightning import GradGuardCallback
@@ -75,9 +75,6 @@ class GradGuardCallback(Callback):
         self.guard: Guard | None = None
         self._done: list[Finding] = []
         self._pending_state: dict[str, Any] | None = None
-        self._metrics: list[tuple[str, weakref.ref[Any]]] = []
-        self._metric_sizes: dict[tuple[str, str], int] = {}
-        self._metric_flagged: set[tuple[str, str, str]] = set()
 
     # ------------------------------------------------------------------ public
     @property
@@ -86,10 +83,7 @@ class GradGuardCallback(Callback):
         merged: dict[Any, Finding] = {}
         for f in [*self._done, *(self.guard.findings if self.guard is not None else [])]:
             known = merged.get(f.key)
-            if known is None:
-                merged[f.key] = copy.copy(f)
-            else:
-                known.count += f.count
+            merged[f.key] = f if known is None else dataclasses.replace(known, count=known.count + f.count)
         return list(merged.values())
 
     @property
@@ -129,7 +123,6 @@ class GradGuardCallback(Callback):
             self.guard.load_state_dict(self._pending_state)
             self._pending_state = None
         self.guard.attach()
-        self._metrics = _find_metrics(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -141,11 +134,19 @@ class GradGuardCallback(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_metric_growth(trainer)
+        self._publish(EpochStart("train", trainer.current_epoch))
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._publish(EpochEnd("train", trainer.current_epoch))
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_metric_growth(trainer)
+        self._publish(EpochStart("validate", trainer.current_epoch))
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._publish(EpochEnd("validate", trainer.current_epoch))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -181,7 +182,6 @@ class GradGuardCallback(Callback):
         guard = self.guard
         if guard is None or not guard.attached:
             return
-        self._metrics = []
         guard.detach(_raising=not raising)
         if trainer.is_global_zero:
             if self._json_path is not None:
@@ -191,62 +191,9 @@ class GradGuardCallback(Callback):
             if self._log:
                 _log_findings(trainer, guard.findings)
 
-    def _emit(self, finding: Finding) -> None:
+    def _publish(self, event: EpochStart | EpochEnd) -> None:
         if self.guard is not None and self.guard.attached:
-            self.guard.emit(None, [finding])
-
-    def _check_metric_growth(self, trainer: pl.Trainer) -> None:
-        for path, ref in self._metrics:
-            metric = ref()
-            if metric is None:
-                continue
-            for state in _list_states(metric):
-                values = getattr(metric, state, None) or []
-                key = (path, state)
-                before = self._metric_sizes.get(key)
-                self._metric_sizes[key] = len(values)
-                if (
-                    before is None
-                    or not values
-                    or len(values) <= before
-                    or (path, state, "GG301") in self._metric_flagged
-                ):
-                    continue
-                if before > 0:  # not reset since the last epoch began, and still growing
-                    self._metric_flagged.add((path, state, "GG301"))
-                    self._emit(_metric_growth_finding(path, state, values, trainer.current_epoch))
-
-
-def _find_metrics(module: torch.nn.Module) -> list[tuple[str, weakref.ref[Any]]]:
-    try:
-        from torchmetrics import Metric
-    except ImportError:  # torchmetrics is optional
-        return []
-    return [(name, weakref.ref(m)) for name, m in module.named_modules() if isinstance(m, Metric) and name]
-
-
-def _list_states(metric: Any) -> list[str]:
-    return [name for name, default in getattr(metric, "_defaults", {}).items() if isinstance(default, list)]
-
-
-def _metric_growth_finding(path: str, state: str, values: list[Any], epoch: int) -> Finding:
-    nbytes = sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
-    return Finding(
-        code="GG301",
-        name="memory-growth",
-        severity=Severity.WARNING,
-        message=(
-            f"torchmetrics metric `{path}` was not reset between epochs: its list state `{state}` keeps "
-            f"growing, now {len(values)} entries ({nbytes / 2**20:.1f} MiB) at epoch {epoch}"
-        ),
-        hint=(
-            f"Reset it once per epoch: log the metric object (self.log(..., self.{path})) so Lightning "
-            f"resets it, or call self.{path}.reset() after compute()"
-        ),
-        location=None,
-        where=f"{path}.{state}",
-        data={"metric": path, "state": state, "entries": len(values), "bytes": nbytes, "epoch": epoch},
-    )
+            self.guard.publish(event)
 
 
 def _log_findings(trainer: pl.Trainer, findings: list[Finding]) -> None:

@@ -19,14 +19,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from gradguard.accumulate import ratio, rescale_grads_
+from gradguard.accumulate.window import LrRamp, Weight, Window, ratio, rescale_grads_
 from gradguard.errors import ConfigurationError
 from gradguard.lr import RULES as LR_RULES
-from gradguard.lr import apply_lr_factor, lr_scale_factor, warmup_multiplier
+from gradguard.lr import apply_lr_factor, lr_scale_factor
 
 __all__ = ["AccumulationCallback"]
-
-Weight = float | torch.Tensor
 
 
 class AccumulationCallback(Callback):
@@ -41,8 +39,11 @@ class AccumulationCallback(Callback):
       micro-batch ``i`` weighs ``n_i / Σn``: the window's gradient is the mean over all its
       items, not the mean of the micro-batches' means.
 
-    The weights are applied through a hook on each micro-batch's loss, so nothing is paid
-    per parameter. The rescaling happens before Lightning clips the gradients; it is linear,
+    The counting and the normalisation are those of :class:`gradguard.GradientAccumulator`
+    (its :class:`~gradguard.accumulate.Window`); Lightning has already divided each loss
+    by ``accumulate_grad_batches``, which the weighted correction multiplies back. The
+    weights are applied through a hook on each micro-batch's loss, so nothing is paid per
+    parameter. The rescaling happens before Lightning clips the gradients; it is linear,
     so AMP's unscaling order does not matter.
 
     With ``lr_scaling`` (``"linear"`` or ``"sqrt"``), the learning rate of every param group
@@ -94,13 +95,20 @@ class AccumulationCallback(Callback):
         self.warmup_steps = warmup_steps
         self.batch_size = batch_size
         self.lr_factor = 1.0
-        self.optimizer_steps = 0
-        self._count = 0  # micro-batches whose backward ran in the open window
-        self._total: Weight | None = None  # Σ n_i / n_ref of the open window, when weighted
+        self._window = Window(steps=1)  # micro-batches (and Σ n_i / n_ref) of the open window
         self._ref: Weight | None = None  # n of the window's first micro-batch: keeps weights near 1
         self._weight: Weight = 1.0  # the next backward's loss weight
-        self._saved_lrs: list[Any] | None = None
+        self._ramp = LrRamp(warmup_steps, 1.0)
         self._handles: list[Any] = []
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps made so far."""
+        return self._window.optimizer_steps
+
+    @optimizer_steps.setter
+    def optimizer_steps(self, value: int) -> None:
+        self._window.optimizer_steps = int(value)
 
     @property
     @override
@@ -115,10 +123,12 @@ class AccumulationCallback(Callback):
                 "Expected automatic optimization with AccumulationCallback but the LightningModule sets "
                 "automatic_optimization = False; use gradguard.GradientAccumulator in training_step instead"
             )
+        self._window.steps = trainer.accumulate_grad_batches
         self._reset_window()
         if self.lr_scaling is not None:
             effective = self._batch_size(trainer) * trainer.accumulate_grad_batches * trainer.world_size
             self.lr_factor = lr_scale_factor(self.lr_scaling, self.base_batch_size or 0, effective)
+            self._ramp.factor = self.lr_factor
             schedulers = {id(c.scheduler.optimizer): c.scheduler for c in trainer.lr_scheduler_configs}
             for opt in trainer.optimizers:
                 apply_lr_factor(opt, self.lr_factor, schedulers.get(id(opt)))
@@ -143,30 +153,30 @@ class AccumulationCallback(Callback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        weight = self._weight if self.count_items is not None else 1.0
-        if self.count_items is not None:
-            self._total = weight if self._total is None else self._total + weight
-            if isinstance(weight, torch.Tensor) or weight != 1.0:
-                loss.register_hook(_scale_by(weight))
-        self._count += 1
+        if self.count_items is None:
+            self._window.add(None)
+            return
+        weight = self._weight
+        if isinstance(weight, torch.Tensor) or weight != 1.0:
+            loss.register_hook(_scale_by(weight))
+        self._window.add(weight)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        k = trainer.accumulate_grad_batches
-        if self.count_items is None:
-            factor: Weight = k / self._count if self._count else 1.0
-        else:
-            factor = ratio(k, self._total) if self._total is not None else 1.0
+        window = self._window
+        window.steps = trainer.accumulate_grad_batches
+        factor: Weight = 1.0
+        if window.count:
+            # the window's own normalisation; a weighted one also undoes Lightning's 1 / K
+            factor = window.close_factor(lambda total: total)
+            if window.total is not None:
+                factor = factor * window.steps
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         rescale_grads_(grads, factor)
-        ramp = warmup_multiplier(self.optimizer_steps, self.warmup_steps, self.lr_factor) if self.warmup_steps else 1.0
-        if ramp != 1.0:
-            self._saved_lrs = [group["lr"] for group in optimizer.param_groups]
-            for group in optimizer.param_groups:
-                group["lr"] = group["lr"] * ramp
-        self.optimizer_steps += 1
+        self._ramp.apply(optimizer, window.optimizer_steps)
+        window.reset()
         self._reset_window()
 
     @override
@@ -183,8 +193,9 @@ class AccumulationCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer_steps = int(state_dict.get("optimizer_steps", 0))
+        self._window.optimizer_steps = int(state_dict.get("optimizer_steps", 0))
         self.lr_factor = float(state_dict.get("lr_factor", 1.0))
+        self._ramp.factor = self.lr_factor
 
     # ------------------------------------------------------------------ internals
     def _batch_size(self, trainer: pl.Trainer) -> int:
@@ -200,14 +211,11 @@ class AccumulationCallback(Callback):
 
     def _restore_lrs(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Runs right after optimizer.step(), before any scheduler reads the learning rate.
-        if self._saved_lrs is not None:
-            for group, lr in zip(optimizer.param_groups, self._saved_lrs, strict=False):
-                group["lr"] = lr
-            self._saved_lrs = None
+        self._ramp.restore(optimizer)
 
     def _reset_window(self) -> None:
-        self._count = 0
-        self._total = None
+        self._window.count = 0
+        self._window.total = None
         self._ref = None
         self._weight = 1.0
 

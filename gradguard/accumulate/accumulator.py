@@ -1,166 +1,31 @@
 """Gradient accumulation that equals the big batch: exact weights, partial windows, LR scaling, DDP.
 
-The arithmetic lives in a small framework-free core (:class:`_Window` and
-:func:`rescale_grads_`) that integrations reuse; :class:`GradientAccumulator` drives an
-optimizer with it in a plain PyTorch loop.
+The arithmetic lives in :mod:`gradguard.accumulate.window`, shared with the Lightning
+callback; :class:`GradientAccumulator` drives an optimizer with it in a plain PyTorch loop.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 import numbers
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from gradguard._frames import user_location
+from gradguard.accumulate.distributed import all_reduce_grads, find_ddp, sum_across
+from gradguard.accumulate.window import LrRamp, Weight, Window, rescale_grads_
 from gradguard.errors import ConfigurationError
-from gradguard.findings import Finding, Location, Severity, format_names
-from gradguard.lr import apply_lr_factor, lr_scale_factor, warmup_multiplier
-from gradguard.rules import PAGES, RULES
-
-#: A weight: a Python number, or a 0-dim tensor that stays on its device (never read back).
-Weight = float | torch.Tensor
-
-#: The key under which the accumulator records, in each param group, the LR factor it applied.
-#: It travels with ``optimizer.state_dict()``, so a resumed run is never scaled twice.
+from gradguard.events import AccumulatorWindow
+from gradguard.findings import Finding
+from gradguard.introspect import device
+from gradguard.introspect.frames import user_location
+from gradguard.lr import apply_lr_factor, lr_scale_factor
 
 _STATE_VERSION = 1
-
-PAGES["GG601"] = """\
-GG601 accumulation-batchnorm: BatchNorm sees micro-batches, not the accumulated batch.
-
-**What it reports.** A ``gradguard.GradientAccumulator`` with ``steps > 1`` drives a
-model that holds BatchNorm layers (any ``_BatchNorm``: ``BatchNorm1d/2d/3d``,
-``SyncBatchNorm``, the lazy variants). It is an info finding, recorded once, when the
-accumulator is made (and by any Guard attached later, at the next optimizer step).
-
-**Why it matters.** Accumulation makes the *gradient* that of the whole window, but
-BatchNorm normalises each forward with the mean and variance of that forward's
-micro-batch, and updates its running statistics once per micro-batch. With small
-micro-batches the statistics are noisy, and training differs from true large-batch
-training in a way no normalisation of the gradient can undo.
-
-**How to fix it.** Often nothing: with micro-batches of a few dozen samples it is harmless.
-For small micro-batches, use GroupNorm or LayerNorm, SyncBatchNorm across processes (the
-statistics span every process's micro-batch), or freeze the BatchNorm statistics of a
-pretrained model (put those layers in ``eval()`` mode).
-
-**Example.** ``train.py:31: GG601 accumulation-batchnorm [info] bn1, layer1.0.bn1, layer1.0.bn2
-and 50 more: BatchNorm normalises with, and tracks, statistics of each micro-batch (8
-samples), not of the accumulated batch of 16 micro-batches, in 53 module(s): ...``
-"""
-
-
-# --------------------------------------------------------------------------- the core
-@dataclasses.dataclass
-class _Window:
-    """The counters of gradient accumulation, as plain data (like optax's ``MultiStepsState``).
-
-    The window's gradient is the weighted mean of its micro-batches' gradients. Gradients
-    are linear in the loss, so the weights can be folded into each micro-batch's loss:
-
-    - without ``num_items`` every micro-batch weighs ``1 / steps``; a window that
-      :meth:`close_factor` closes early, after ``count < steps`` micro-batches, is rescaled
-      by ``steps / count``;
-    - with ``num_items`` micro-batch ``i`` (whose loss is a mean over its ``n_i`` items) is
-      weighted by ``n_i`` until the last micro-batch of the window, which knows
-      ``N = Σ n_i``: the gradient accumulated so far is multiplied by ``1 / N`` and the
-      last loss by ``n_last / N``. The result is ``Σ n_i g_i / N``, the gradient of the
-      mean over all the window's items, without knowing ``N`` in advance, and normalised
-      before any gradient leaves the process (so DDP averages normalised gradients).
-
-    ``total`` is ``Σ n_i`` of the open window, or ``None`` while it is unweighted.
-    """
-
-    steps: int
-    count: int = 0
-    total: Weight | None = None
-    micro_batches: int = 0
-    optimizer_steps: int = 0
-
-    @property
-    def closing(self) -> bool:
-        """Whether the next micro-batch completes the window."""
-        return self.count + 1 >= self.steps
-
-    def weights(
-        self, num_items: Weight | None, denominator: Callable[[Weight], Weight]
-    ) -> tuple[Weight, Weight | None]:
-        """The next micro-batch's loss weight, and a factor for the gradients already accumulated.
-
-        ``denominator(N)`` turns a window's item count into what its gradient is divided by
-        (``N``, or ``N_global / world_size`` when counts are summed across processes that
-        average their gradients).
-        """
-        if num_items is None:
-            return 1.0 / self.steps, None
-        if not self.closing:
-            return num_items, None
-        total = num_items if self.total is None else self.total + num_items
-        den = denominator(total)
-        # n / N rather than n * (1 / N): a window of one micro-batch weighs exactly 1
-        return ratio(num_items, den), (ratio(1.0, den) if self.count else None)
-
-    def close_factor(self, denominator: Callable[[Weight], Weight]) -> Weight:
-        """The factor that normalises the open window when it is closed before it is full."""
-        if self.total is None:
-            return self.steps / self.count
-        return ratio(1.0, denominator(self.total))
-
-    def add(self, num_items: Weight | None) -> None:
-        """Count one micro-batch whose gradient was accumulated."""
-        if num_items is not None:
-            self.total = num_items if self.total is None else self.total + num_items
-        self.count += 1
-        self.micro_batches += 1
-
-    def reset(self) -> None:
-        """The window was applied by an optimizer step."""
-        self.count = 0
-        self.total = None
-        self.optimizer_steps += 1
-
-
-def ratio(numerator: Weight, denominator: Weight) -> Weight:
-    """``numerator / denominator``, and 0 for an empty window (whose gradient is zero anyway).
-
-    >>> ratio(1.0, 4), ratio(3, 0), ratio(1.0, torch.tensor(4.0))
-    (0.25, 0.0, tensor(0.2500))
-    """
-    if isinstance(numerator, torch.Tensor) or isinstance(denominator, torch.Tensor):
-        return torch.nan_to_num(torch.as_tensor(numerator) / denominator, nan=0.0, posinf=0.0, neginf=0.0)
-    return numerator / denominator if denominator > 0 else 0.0
-
-
-def rescale_grads_(grads: list[torch.Tensor], factor: Weight) -> None:
-    """Multiply gradients in place by ``factor`` (a number, or a 0-dim tensor kept on the device).
-
-    >>> g = [torch.ones(2), torch.full((1,), 4.0)]
-    >>> rescale_grads_(g, 0.5); g
-    [tensor([0.5000, 0.5000]), tensor([2.])]
-    """
-    if not grads or (not isinstance(factor, torch.Tensor) and factor == 1.0):
-        return
-    by_device: dict[torch.device, list[torch.Tensor]] = collections.defaultdict(list)
-    with torch.no_grad():
-        for g in grads:
-            if g.is_sparse:
-                g.mul_(factor.to(g.device) if isinstance(factor, torch.Tensor) else factor)
-            else:
-                by_device[g.device].append(g)
-        for device, group in by_device.items():
-            if isinstance(factor, torch.Tensor):
-                torch._foreach_mul_(group, factor.to(device, non_blocking=True))
-            else:
-                torch._foreach_mul_(group, factor)
 
 
 # --------------------------------------------------------------------------- the accumulator
@@ -218,9 +83,11 @@ class GradientAccumulator:
     produced it, so the loop never waits for the GPU. With a ``scaler``, non-finite losses
     are left to the scaler, which skips those steps.
 
-    **Findings.** A model with BatchNorm yields ``GG601 accumulation-batchnorm`` (info):
-    BatchNorm normalises and tracks statistics per micro-batch, not per window. It is
-    recorded by every attached :class:`~gradguard.Guard` and kept in :attr:`findings`.
+    **Findings.** The accumulator tells every attached :class:`~gradguard.Guard` when it is
+    made and at each window (an ``AccumulatorWindow`` event), so that a model with
+    BatchNorm yields ``GG601 accumulation-batchnorm`` (info): BatchNorm normalises and
+    tracks statistics per micro-batch, not per window. :attr:`findings` holds what GG601
+    says of this accumulator, with or without a guard.
 
     Args:
         optimizer: the optimizer to step once per window.
@@ -339,7 +206,7 @@ class GradientAccumulator:
 
         self._model_ref = weakref.ref(model) if model is not None else None
         self._ddp_ref: weakref.ref[DistributedDataParallel] | None = None
-        ddp = _find_ddp(model)
+        ddp = find_ddp(model)
         if ddp is not None:
             self._ddp_ref = weakref.ref(ddp)
         self._group: Any = None
@@ -355,20 +222,17 @@ class GradientAccumulator:
                 "call torch.distributed.init_process_group() first, or leave sync_num_items=False"
             )
 
-        self._window = _Window(steps)
-        self._nonfinite = _DeviceChecks()
+        self._window = Window(steps)
+        self._nonfinite = _NonFinite()
         self.lr_factor = 1.0
         effective = self.effective_batch_size
         if lr_scaling is not None and base_batch_size is not None and effective is not None:  # both checked above
             self.lr_factor = lr_scale_factor(lr_scaling, base_batch_size, effective)
             self._apply_lr_factor()
 
-        self.findings: list[Finding] = []
-        batchnorm = _batchnorm_finding(model, steps, micro_batch_size, user_location())
-        if batchnorm is not None:
-            self.findings.append(batchnorm)
-        self._reported_to: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._report()
+        self._ramp = LrRamp(warmup_steps, self.lr_factor)
+        self._created_at = user_location()
+        self._announce(0)
         self._prepare_sync()
 
     # ------------------------------------------------------------------ public
@@ -391,6 +255,13 @@ class GradientAccumulator:
     def optimizer_steps(self) -> int:
         """Optimizer steps made so far."""
         return self._window.optimizer_steps
+
+    @property
+    def findings(self) -> list[Finding]:
+        """What ``GG601 accumulation-batchnorm`` says of this accumulator (info), guard or not."""
+        from gradguard.detectors.accumulation_batchnorm import AccumulationBatchNorm
+
+        return AccumulationBatchNorm.check(self._event(0))
 
     @property
     def effective_batch_size(self) -> int | None:
@@ -451,7 +322,7 @@ class GradientAccumulator:
             rescale_grads_(self._grads(), window.close_factor(self._denominator))
             ddp = self._ddp()
             if ddp is not None:
-                _all_reduce_grads(ddp, self.world_size, self._group)
+                all_reduce_grads(ddp, self.world_size, self._group)
             self._step()
             stepped = True
         self._raise_if_nonfinite(wait=True)
@@ -503,7 +374,7 @@ class GradientAccumulator:
                     raise ConfigurationError(
                         f"Expected a saved gradient of shape {tuple(p.shape)} but got {tuple(g.shape)}"
                     )
-        self._window = _Window(
+        self._window = Window(
             steps=self.steps,
             count=count,
             total=None if total is None else float(total),
@@ -538,7 +409,7 @@ class GradientAccumulator:
 
     def _denominator(self, total: Weight) -> Weight:
         if self.sync_num_items:
-            return _sum_across(total, self._group) / self.world_size
+            return sum_across(total, self._group) / self.world_size
         return total
 
     def _prepare_sync(self) -> None:
@@ -553,29 +424,24 @@ class GradientAccumulator:
             scaler.unscale_(optimizer)
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self._params(), self.max_grad_norm)
-        ramp = warmup_multiplier(self._window.optimizer_steps, self.warmup_steps, self.lr_factor)
-        saved = [group["lr"] for group in optimizer.param_groups] if ramp != 1.0 else None
+        self._ramp.factor = self.lr_factor
+        self._ramp.apply(optimizer, self._window.optimizer_steps)
         try:
-            if saved is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = group["lr"] * ramp
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
         finally:
-            if saved is not None:
-                for group, lr in zip(optimizer.param_groups, saved, strict=False):
-                    group["lr"] = lr
+            self._ramp.restore(optimizer)
         optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
+        count = self._window.count
         self._window.reset()
         self._nonfinite.seal(self._window.optimizer_steps)
         self._prepare_sync()
-        if self.findings:
-            self._report()
+        self._announce(count)
 
     def _check_loss(self, loss: Any) -> None:
         if not isinstance(loss, torch.Tensor):
@@ -633,148 +499,52 @@ class GradientAccumulator:
     def _apply_lr_factor(self) -> None:
         apply_lr_factor(self.optimizer, self.lr_factor, self.scheduler, stacklevel=4)
 
-    def _report(self) -> None:
-        from gradguard.guard import active_guards
+    def _event(self, count: int) -> AccumulatorWindow:
+        model = self._model_ref() if self._model_ref is not None else None
+        return AccumulatorWindow(model, self.steps, count, self.micro_batch_size, self._created_at)
 
-        for guard in active_guards():
-            if guard in self._reported_to:
-                continue
-            self._reported_to.add(guard)
-            mine = [
-                dataclasses.replace(f, data=dict(f.data), step=guard.step)
-                for f in self.findings
-                if guard.policy.enabled(f.code)
-            ]
-            if mine:
-                guard.emit(None, mine)
+    def _announce(self, count: int) -> None:
+        from gradguard.guard import broadcast
+
+        broadcast(self._event(count))
 
 
 _SCALER_METHODS = ("scale", "unscale_", "step", "update")
 
 
-class _DeviceChecks:
+class _NonFinite:
     """Non-finite CUDA losses, found without ever waiting for the GPU.
 
-    Each micro-batch folds ``~isfinite(loss)`` into one flag on the device. At each optimizer
-    step the flag is copied to pinned host memory behind a CUDA event, and read at a later
-    call once the event has completed (or, at ``flush()``, after waiting for it).
+    Each micro-batch folds ``~isfinite(loss)`` into one flag on the device; at each optimizer
+    step the flag goes to the host behind an event, and is read at a later call once the
+    GPU has produced it (or, at ``flush()``, after waiting for it).
     """
 
     def __init__(self) -> None:
         self.flag: torch.Tensor | None = None
-        self.pending: collections.deque[tuple[torch.Tensor, Any, int]] = collections.deque()
+        self.pending: collections.deque[tuple[device.DeviceFlag, int]] = collections.deque()
 
     def add(self, loss: torch.Tensor) -> None:
         bad = ~torch.isfinite(loss.detach().reshape(()))
-        if self.flag is None:
-            self.flag = bad
-        else:
-            self.flag.logical_or_(bad)
+        self.flag = bad if self.flag is None else self.flag.logical_or_(bad)
 
     def seal(self, step: int) -> None:
         flag, self.flag = self.flag, None
-        if flag is None:
-            return
-        host = torch.empty((), dtype=torch.bool, pin_memory=True)
-        host.copy_(flag, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(flag.device))
-        self.pending.append((host, event, step))
+        if flag is not None:
+            self.pending.append((device.DeviceFlag(flag), step))
 
     def poll(self, *, wait: bool) -> int | None:
         """The optimizer step of the first window found with a non-finite loss, if any."""
         while self.pending:
-            host, event, step = self.pending[0]
-            if not wait and not event.query():
+            flag, step = self.pending[0]
+            value = device.resolve(flag, wait=wait)
+            if value is None:
                 return None
-            event.synchronize()
             self.pending.popleft()
-            if bool(host):
+            if value:
                 self.pending.clear()
                 return step
         return None
-
-
-# --------------------------------------------------------------------------- helpers
-def _find_ddp(model: torch.nn.Module | None) -> DistributedDataParallel | None:
-    module = getattr(model, "_orig_mod", model)  # torch.compile(ddp_model)
-    return module if isinstance(module, DistributedDataParallel) else None
-
-
-def _sum_across(value: Weight, group: Any) -> Weight:
-    """Sum a count over the processes of ``group``: a Python number on CPU backends, else a tensor."""
-    on_cuda = dist.get_backend(group) == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
-    if isinstance(value, torch.Tensor):
-        total = value.detach().to(device=device, dtype=torch.float64).reshape(1)
-    else:
-        total = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(total, group=group)
-    if on_cuda or isinstance(value, torch.Tensor):
-        return total.reshape(())
-    return total.item()
-
-
-def _all_reduce_grads(ddp: DistributedDataParallel, world_size: int, group: Any) -> None:
-    """Average the gradients of a DDP model across processes, as its synchronised backward would.
-
-    Parameters without a gradient on any process keep none; where some process has one,
-    the others contribute zeros.
-    """
-    ignored: set[str] = getattr(ddp, "parameters_to_ignore", set())
-    params = [p for n, p in ddp.module.named_parameters() if p.requires_grad and n not in ignored]
-    if not params:
-        return
-    device = params[0].device
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
-    dist.all_reduce(has_grad, group=group)
-    present = has_grad.tolist()
-    grads = []
-    for p, count in zip(params, present, strict=True):
-        if count and p.grad is None:
-            p.grad = torch.zeros_like(p)
-        if count:
-            grads.append(p.grad)
-    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = collections.defaultdict(list)
-    for g in grads:
-        buckets[(g.device, g.dtype)].append(g)
-    with torch.no_grad():
-        for bucket in buckets.values():
-            flat = torch._utils._flatten_dense_tensors(bucket)
-            dist.all_reduce(flat, group=group)
-            flat.div_(world_size)
-            for g, reduced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
-                g.copy_(reduced)
-
-
-def _batchnorm_finding(
-    model: torch.nn.Module | None, steps: int, micro_batch_size: int | None, location: Location | None
-) -> Finding | None:
-    if model is None or steps == 1:
-        return None
-    root = getattr(model, "_orig_mod", model)
-    if isinstance(root, DistributedDataParallel):
-        root = root.module
-    names = [name or type(m).__name__ for name, m in root.named_modules() if isinstance(m, _BatchNorm)]
-    if not names:
-        return None
-    size = f"{micro_batch_size} samples" if micro_batch_size is not None else "one micro-batch"
-    return Finding(
-        code="GG601",
-        name=RULES["GG601"],
-        severity=Severity.INFO,
-        message=(
-            f"BatchNorm normalises with, and tracks, statistics of each micro-batch ({size}), not of the "
-            f"accumulated batch of {steps} micro-batches, in {len(names)} module(s): {format_names(names)}"
-        ),
-        hint=(
-            "Expected with accumulation; for small micro-batches prefer GroupNorm or LayerNorm, "
-            "SyncBatchNorm across processes, or frozen BatchNorm statistics"
-        ),
-        location=location,
-        where=format_names(names),
-        data={"modules": names[:100], "num_modules": len(names), "steps": steps, "micro_batch_size": micro_batch_size},
-    )
 
 
 def _int_at_least(arg: str, value: Any, low: int) -> int:

@@ -1,0 +1,132 @@
+"""A run's memory samples: when to take them, and how they are kept (bounded, whatever the run's length).
+
+Example:
+    >>> rec = Recorder(warmup=2, window=8, confirm=3)
+    >>> for step in range(1, 6):
+    ...     rec.record(step, {"rss": 100 + step})
+    >>> rec.padded()["rss"], [v for _, v in rec.windows["rss"]]
+    ([101, 102, 103, 104, 105], [103, 104, 105])
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+
+def ema(mean: float, value: float) -> float:
+    """A moving average that one preempted measurement cannot blow up."""
+    if not mean:
+        return value
+    return 0.9 * mean + 0.1 * min(value, 3 * mean)
+
+
+class Cadence:
+    """Whether to take a sample at this event, keeping sampling under about 5% of a step.
+
+    Steps far shorter than a sample get a stride (every n-th event), and the heap counter,
+    which can cost more than the others, is read only every m-th sample when it does.
+    """
+
+    def __init__(self) -> None:
+        self.stride = 1
+        self.heap_every = 1
+        self._since = 0
+        self._last = 0.0
+        self._dt = 0.0
+        self._events = 0
+        self.cost = 0.0
+        self.heap_cost = 0.0
+
+    def due(self, *, force: bool = False) -> bool:
+        now = time.perf_counter()
+        if self._last:
+            self._dt = ema(self._dt, now - self._last)
+        self._last = now
+        self._events += 1
+        if self._events % 32 == 0 and self._dt > 0:
+            self.stride = max(1, min(16, int(self.cost * 20 / self._dt)))
+            self.heap_every = max(1, min(64, int(self.heap_cost * 20 / (self._dt * self.stride))))
+        self._since += 1
+        if self._since < self.stride and not force:
+            return False
+        self._since = 0
+        return True
+
+
+class Recorder:
+    """The samples: a series for the report (halved in density when long), and per signal a
+    sliding window and a bounded long view for the trend tests, after the warm-up."""
+
+    SIGNALS = ("heap", "rss", "cuda_allocated")
+
+    def __init__(self, warmup: int, window: int, confirm: int, max_points: int = 2048) -> None:
+        self.warmup = warmup
+        self.window = window
+        self.confirm = confirm
+        self.max_points = max_points
+        self.peak: dict[str, int] = {}
+        self.restart()
+
+    def restart(self) -> None:
+        self.series: dict[str, list[int | None]] = {"step": []}
+        self.stride = 1  # the series keeps every n-th sample
+        self.seen = 0
+        self.windows: dict[str, deque[tuple[int, int]]] = {}
+        self.history: dict[str, deque[tuple[int, int]]] = {}
+        self.next_check: dict[str, int] = {}
+
+    def drop_windows(self) -> None:
+        """Forget the trend windows (the series stays for the report)."""
+        self.windows.clear()
+        self.history.clear()
+
+    def record(self, x: int, sample: dict[str, int]) -> None:
+        for key, value in sample.items():
+            if value > self.peak.get(key, 0):
+                self.peak[key] = value
+        self.seen += 1
+        if (self.seen - 1) % self.stride == 0:
+            series = self.series
+            n = len(series["step"])
+            series["step"].append(x)
+            for key, value in sample.items():
+                if key == "cuda_peak":
+                    continue
+                column = series.setdefault(key, [])
+                column.extend([None] * (n + 1 - len(column)))  # not read at every sample
+                column[n] = value
+            if len(series["step"]) >= self.max_points:
+                for key, column in self.padded().items():
+                    series[key] = column[::2]
+                self.stride *= 2
+        if x <= self.warmup:
+            return
+        for signal in self.SIGNALS:
+            if signal not in sample:
+                continue
+            value = sample[signal]
+            window = self.windows.get(signal)
+            if window is None:
+                window = self.windows[signal] = deque(maxlen=self.window + 4 * self.confirm)
+                self.history[signal] = deque(maxlen=256)
+                self.next_check[signal] = 0
+            window.append((x, value))
+            history = self.history[signal]
+            if len(history) == history.maxlen:  # keep the long view bounded: halve its density
+                kept = list(history)[::2]
+                history.clear()
+                history.extend(kept)
+            if not history or x - history[-1][0] >= max(1, (x - self.warmup) // 128):
+                history.append((x, value))
+
+    def padded(self) -> dict[str, list[int | None]]:
+        n = len(self.series["step"])
+        return {k: list(v) + [None] * (n - len(v)) for k, v in self.series.items()}
+
+
+def rise(points: list[tuple[int, int]]) -> float:
+    """How much the last samples of a window stand above its first ones (medians of four)."""
+    head = sorted(v for _, v in points[:4])
+    tail = sorted(v for _, v in points[-4:])
+    return (tail[1] + tail[2] - head[1] - head[2]) / 2

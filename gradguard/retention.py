@@ -1,0 +1,201 @@
+"""Stamps on autograd graphs, and the span of history that a held value reaches (GG201's machinery).
+
+Each model output gets a stamp in its ``grad_fn.metadata``: the epoch (step or iteration) it
+was made in, and the oldest epoch whose graph the model's inputs brought into the call. A
+bounded walk from what a variable holds then tells how many epochs of history it keeps
+alive, without reading any tensor.
+
+Example:
+    >>> import torch
+    >>> x = torch.ones(2, requires_grad=True)
+    >>> y = x * 2
+    >>> stamp([y], (7, 3, 0, 3, 0))
+    >>> rounds, groups = spans([(y + 1).grad_fn], token=7, limit=16)
+    >>> rounds.lo, rounds.hi, rounds.epochs
+    (3, 3, 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from types import FrameType
+from typing import Any
+
+import torch
+
+from gradguard.findings import Location
+from gradguard.introspect import sites
+from gradguard.introspect.frames import code_location, frame_location
+from gradguard.introspect.graph import walk
+
+KEY = "gradguard.GG201"  # the key of the stamp in grad_fn.metadata
+TOKENS = itertools.count(1)  # tells the stamps of one detector from another's
+HOLDERS = (torch.Tensor, list, tuple, dict, deque)
+
+#: (token, round, group, origin round, origin group)
+Stamp = tuple[int, int, int, int, int]
+
+
+@dataclasses.dataclass
+class Span:
+    """The epochs (steps or iterations) whose graphs a held value reaches.
+
+    ``first`` and ``hi`` are the oldest and newest stamps met in the walk; ``lo`` also
+    follows the stamps' origins, the oldest graph that a model's inputs brought into its
+    call; ``carried`` is set when some input brought in a graph older than its call.
+    """
+
+    lo: int
+    hi: int
+    first: int
+    carried: bool = False
+
+    @property
+    def epochs(self) -> int:
+        """How many epochs of history stay reachable."""
+        return self.hi - self.lo + 1
+
+    @property
+    def stamped(self) -> int:
+        """How many epochs the stamps met span (a graph fed back counts once)."""
+        return self.hi - self.first + 1
+
+    def merge(self, other: Span) -> None:
+        self.lo = min(self.lo, other.lo)
+        self.hi = max(self.hi, other.hi)
+        self.first = min(self.first, other.first)
+        self.carried = self.carried or other.carried
+
+
+@dataclasses.dataclass
+class Place:
+    """A variable, container or attribute that holds graphs, as a check saw it."""
+
+    key: tuple[Any, ...]
+    where: str
+    kind: str  # "variable", "list", "tuple", "dict", "deque" or "attribute"
+    span: Span
+    frame: FrameType | None = None
+    owner: Any = None  # for an attribute: the object that has it
+    line: Location | None = None  # where the check saw it (the frame's line then)
+
+    def seen_in(self, frame: FrameType) -> None:
+        self.frame = frame
+        self.line = frame_location(frame)
+
+
+def stamp(outputs: Iterable[torch.Tensor], value: Stamp) -> None:
+    """Stamp the graphs of a call's outputs."""
+    for t in outputs:
+        node: Any = t.grad_fn
+        node.metadata[KEY] = value
+
+
+def spans(roots: list[Any], token: int, limit: int, budget: list[int] | None = None) -> tuple[Span, Span] | None:
+    """The rounds and the groups whose stamps a bounded walk from ``roots`` meets.
+
+    The walk stops at a stamped node (its origin sums up the history behind it) and at
+    parameters. ``budget[0]`` is reduced by the nodes walked.
+    """
+    found: dict[int, Stamp] = {}
+
+    def descend(node: Any) -> bool:
+        mark = node.metadata.get(KEY)
+        if mark is not None and mark[0] == token:
+            found[id(node)] = mark
+            return False
+        return type(node).__name__ != "AccumulateGrad"
+
+    nodes = walk(roots, limit, descend)
+    if budget is not None:
+        budget[0] -= len(nodes)
+    rounds: Span | None = None
+    groups: Span | None = None
+    for _, rnd, grp, origin_round, origin_group in found.values():
+        r = Span(origin_round, rnd, rnd, carried=origin_round < rnd)
+        g = Span(origin_group, grp, grp, carried=origin_group < grp)
+        if rounds is None or groups is None:
+            rounds, groups = r, g
+        else:
+            rounds.merge(r)
+            groups.merge(g)
+    if rounds is None or groups is None:
+        return None
+    return rounds, groups
+
+
+def kind(value: Any) -> str:
+    """How a finding calls a holder: ``list``, ``tuple``, ``dict``, ``deque`` or ``variable``."""
+    for name, tp in (("list", list), ("tuple", tuple), ("dict", dict), ("deque", deque)):
+        if isinstance(value, tp):
+            return name
+    return "variable"
+
+
+def object_attrs(obj: Any) -> list[tuple[str, Any]]:
+    """An object's own public attributes that may hold graphs (for a module: not its
+    parameters, buffers or children, which live in private dictionaries)."""
+    try:
+        attrs = vars(obj)
+    except TypeError:
+        return []
+    return [(k, v) for k, v in attrs.items() if isinstance(k, str) and k[:1] != "_" and isinstance(v, HOLDERS)]
+
+
+def locate(place: Place, frames: list[FrameType]) -> Location | None:
+    """The line that fills a place: for a container the line that adds to it, else its assignment."""
+    if place.kind == "attribute":
+        attr = place.where.rsplit(".", 1)[-1]
+        codes = [f.f_code for f in frames]
+        if place.owner is not None:
+            codes += sites.class_codes(type(place.owner))
+        for prefer_mutation in (True, False):  # a line that appends to it anywhere, else an assignment
+            for code in codes:
+                found = sites.attribute_sites(code, attr)
+                line = found.mutation() if prefer_mutation else found.best(container=False)
+                if line is not None:
+                    return code_location(code, line)
+        return place.line
+    if place.frame is None:
+        return place.line
+    code = place.frame.f_code
+    found = sites.variable_sites(code, place.where)
+    return code_location(code, found.best(container=place.kind in ("list", "dict", "deque")) or place.frame.f_lineno)
+
+
+def describe(place: Place, unit: str, iterations: bool) -> tuple[str, str]:
+    """A finding's message and hint for a place that keeps graphs of several epochs."""
+    span, name = place.span, place.where
+    if place.kind in ("list", "tuple", "dict", "deque") and not span.carried:
+        holder = f"{place.kind} `{name}`"
+    elif place.kind == "attribute":
+        holder = f"attribute `{name}`"
+    else:
+        holder = f"`{name}`"
+    if span.carried:
+        message = (
+            f"{holder} carries the autograd graph of {unit} {span.lo} into {unit} {span.hi}: the state fed "
+            f"back into the model was never detached, so its graph spans {span.epochs} {unit}s and grows "
+            f"with each one"
+        )
+        if place.kind == "tuple":
+            hint = f"Detach the carried state at each batch: `{name} = tuple(h.detach() for h in {name})`"
+        else:
+            hint = f"Detach the carried state at each batch: `{name} = {name}.detach()`"
+        if iterations:
+            hint += ", or evaluate under `torch.no_grad()`"
+        return message, hint
+    message = (
+        f"{holder} holds autograd graphs of {span.epochs} {unit}s ({unit}s {span.lo} to {span.hi}) and "
+        f"more at each {unit}: every one stays in memory with what it saved for backward"
+    )
+    if iterations:
+        hint = "Evaluate under `with torch.no_grad():` (or torch.inference_mode()), or keep out.detach()"
+    elif place.kind in ("list", "tuple", "dict", "deque", "attribute"):
+        hint = f"Keep numbers, not graph tensors: `{name}.append(loss.item())` (or loss.detach())"
+    else:
+        hint = f"Accumulate a number, not the tensor: `{name} += loss.item()` (or loss.detach())"
+    return message, hint

@@ -1,0 +1,76 @@
+"""What a source is, and what it may ask of the guard that runs it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from gradguard.events import Event
+
+if TYPE_CHECKING:
+    import torch
+
+    from gradguard.run import Run
+
+
+class Hub(Protocol):
+    """The guard, as its sources see it."""
+
+    run: Run
+
+    def wants(self, event: type[Event]) -> bool:
+        """Whether any detector consumes ``event`` (build no event nobody consumes)."""
+
+    def emit(self, event: Event) -> None:
+        """Deliver an event to the detectors that consume it."""
+
+    def add_model(self, module: torch.nn.Module) -> None:
+        """Watch a root module found by a source."""
+
+    def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Watch an optimizer found by a source."""
+
+    def forward_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A watched root's forward starts (an iteration)."""
+
+    def forward_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """A watched root's forward returned."""
+
+    def step_pre(self, optimizer: torch.optim.Optimizer) -> None:
+        """A watched optimizer's step() starts."""
+
+    def step_post(self, optimizer: torch.optim.Optimizer) -> None:
+        """A watched optimizer's step() returned."""
+
+    def backward(self, post: bool, tensors: tuple[Any, ...]) -> None:
+        """backward() starts (``post`` false) or returned."""
+
+    def module_changed(self, module: torch.nn.Module) -> None:
+        """A module got a parameter or a submodule: derived caches may be stale."""
+
+    def source_failed(self, source: Source, exc: BaseException) -> None:
+        """A source's own code raised: stop it, report GG000, let training go on."""
+
+
+class Source:
+    """Turns one kind of signal from torch or the program into events.
+
+    The guard starts a source when a detector consumes one of the events it ``provides``
+    (or always, for the sources the guard itself needs), and stops it on detach: a stopped
+    source has removed every hook and patch, and holds no user object.
+    """
+
+    provides: ClassVar[tuple[type[Event], ...]] = ()
+    #: started for every guard (its step and iteration counters need it)
+    always: ClassVar[bool] = False
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def start(self) -> None:
+        """Register hooks or patches."""
+
+    def stop(self) -> None:
+        """Remove every hook and patch; drop every reference to user objects."""
+
+    def refresh(self) -> None:
+        """A cheap look for changes no hook reports; the guard calls it once per step."""

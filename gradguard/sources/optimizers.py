@@ -1,0 +1,107 @@
+"""Optimizer steps: ``StepPre`` and ``StepPost`` events, through torch's optimizer step hooks.
+
+A guard given its optimizers hooks each of them; ``gradguard run`` uses the global
+optimizer hooks and adopts every optimizer at its first step. Either way, at the first two
+steps the user's frames are searched for optimizers the loop holds but has not stepped yet
+(a GAN's second optimizer, a wrapper's inner optimizer), so that the step counter knows
+every optimizer of the loop before it steps. An optimizer's hooks are not part of its
+``state_dict`` or pickled state, so nothing of gradguard travels with it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch.optim import optimizer as optimizer_mod
+from torch.utils.hooks import RemovableHandle
+
+from gradguard.events import StepPost, StepPre
+from gradguard.introspect.frames import frame_variables, user_frames
+from gradguard.sources.base import Hub, Source
+
+_DISCOVER_STEPS = 2
+_is_compiling = torch.compiler.is_compiling
+
+
+def inner_optimizer(obj: Any) -> torch.optim.Optimizer | None:
+    """The optimizer an object is, or wraps (Lightning's ``LightningOptimizer``, Accelerate's)."""
+    if isinstance(obj, torch.optim.Optimizer):
+        inner = getattr(obj, "optimizer", None)  # a wrapper that subclasses Optimizer
+        return inner if isinstance(inner, torch.optim.Optimizer) and inner is not obj else obj
+    for attr in ("_optimizer", "optimizer"):
+        inner = getattr(obj, attr, None) if not isinstance(obj, type) else None
+        if isinstance(inner, torch.optim.Optimizer):
+            return inner
+    return None
+
+
+class OptimizerSource(Source):
+    """Step events of the watched optimizers; with ``global_hooks``, of every optimizer."""
+
+    provides = (StepPre, StepPost)
+    always = True
+
+    def __init__(self, hub: Hub, global_hooks: bool = False) -> None:
+        super().__init__(hub)
+        self.global_hooks = global_hooks
+        self._handles: dict[int, tuple[weakref.ref[torch.optim.Optimizer], list[RemovableHandle]]] = {}
+        self._global: list[RemovableHandle] = []
+        self._steps = 0
+
+    def start(self) -> None:
+        if self.global_hooks:
+            self._global = [
+                optimizer_mod.register_optimizer_step_pre_hook(self._pre),
+                optimizer_mod.register_optimizer_step_post_hook(self._post),
+            ]
+
+    def stop(self) -> None:
+        for handle in self._global:
+            handle.remove()
+        self._global.clear()
+        for _ref, handles in self._handles.values():
+            for handle in handles:
+                handle.remove()
+        self._handles.clear()
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hook one optimizer (with the global hooks in place, nothing to do)."""
+        if self.global_hooks:
+            return
+        known = self._handles.get(id(optimizer))
+        if known is not None and known[0]() is optimizer:
+            return
+        handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
+        self._handles[id(optimizer)] = (weakref.ref(optimizer), handles)
+
+    def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if _is_compiling():
+            return
+        if self.global_hooks:
+            self.hub.add_optimizer(optimizer)
+        if self._steps < _DISCOVER_STEPS:
+            self._discover()
+        self.hub.step_pre(optimizer)
+
+    def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if _is_compiling():
+            return
+        self._steps += 1
+        self.hub.step_post(optimizer)
+
+    def _discover(self) -> None:
+        """Adopt the optimizers the user's frames hold (variables, and attributes of ``self``)."""
+        try:
+            for frame in user_frames(8, installed=False):
+                for name, value in frame_variables(frame):
+                    candidates = [value]
+                    if name == "self" and not isinstance(value, torch.nn.Module):
+                        candidates = list(getattr(value, "__dict__", {}).values())
+                    for obj in candidates:
+                        opt = inner_optimizer(obj)
+                        if opt is not None:
+                            self.hub.add_optimizer(opt)
+        except Exception as exc:
+            self.hub.source_failed(self, exc)
