@@ -11,9 +11,11 @@ from gradguard.install import install, installed, uninstall
 from gradguard.lr import lr_scale_factor, scale_lr
 from gradguard.policy import Policy
 from gradguard.rules import RULES
+from gradguard.sampling import Budget
 
 __all__ = [
     "RULES",
+    "Budget",
     "ConfigurationError",
     "Detector",
     "Finding",

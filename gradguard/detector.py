@@ -69,6 +69,9 @@ class Detector:
     hint: ClassVar[str] = ""
     #: The events this detector consumes; each has exactly one ``@on`` handler.
     consumes: ClassVar[tuple[type[Event], ...]] = ()
+    #: After the warm-up, the per-step events reach it for ``duty`` steps out of every ``every``.
+    every: ClassVar[int] = 1
+    duty: ClassVar[int] = 1
     state_fields: ClassVar[tuple[str, ...]] = ()
     _handlers: ClassVar[dict[type[Event], str]] = {}
 
@@ -148,6 +151,13 @@ class Detector:
         """Drop every reference to user objects. Override as needed."""
 
     # ----------------------------------------------------------------- helpers
+    def listen(self, event: type[Event], on: bool = True) -> None:
+        """Start or stop receiving one of the events this detector consumes (nothing to do for now)."""
+        if event not in type(self).consumes:
+            raise ValueError(f"Expected an event {type(self).__name__} consumes but got {event.__name__}")
+        if self._run is not None:
+            self._run.listen(self, event, on)
+
     def finding(
         self,
         message: str,

@@ -35,6 +35,7 @@ from gradguard.policy import Policy
 from gradguard.report import build_report, write_json_atomic
 from gradguard.run import Run, unwrap
 from gradguard.sampling import PER_GROUP, Budget
+from gradguard.schedule import Table
 from gradguard.sources import SOURCES, ModuleSource, OptimizerSource, Source
 
 DetectorSpec = str | type[Detector] | Detector
@@ -112,7 +113,8 @@ class Guard:
         self._model_ids: set[int] = set()
         self._optimizer_ids: set[int] = set()
         self._findings: dict[tuple[Any, ...], Finding] = {}
-        self._handlers: dict[type[Event], list[tuple[Detector, Callable[[Any], Any]]]] = {}
+        self._handlers: Table = {}  # the handlers of each event in the step in progress
+        self._schedule_version = -1
         self._sources: list[Source] = []
         self._modules: ModuleSource | None = None
         self._optimizer_source: OptimizerSource | None = None
@@ -148,7 +150,8 @@ class Guard:
         self._started = time.perf_counter()
         for det in self._detectors:
             self._attach_detector(det)
-        consumed = set(self._handlers)
+        self._refresh_handlers()
+        consumed = self.run.schedule.consumed()
         self._modules = ModuleSource(self, discover=self.global_hooks)
         self._optimizer_source = OptimizerSource(self, global_hooks=self.global_hooks)
         wanted = [cls(self) for cls in SOURCES if not cls.always and consumed.intersection(cls.provides)]
@@ -289,7 +292,7 @@ class Guard:
     # ------------------------------------------------------------------ events
     def publish(self, event: Event) -> None:
         """Deliver an event from outside the sources (an integration's epoch, say) to the detectors."""
-        if self._attached and event.__class__ in self._handlers:
+        if self._attached:
             self._timed(event)
 
     def wants(self, event: type[Event]) -> bool:
@@ -368,6 +371,7 @@ class Guard:
                     self.source_failed(source, exc)
             if StepEnd in self._handlers:
                 self.emit(StepEnd(run._step))
+            self._refresh_handlers()  # the next step's
         self.overhead_s += time.perf_counter() - start
 
     def module_changed(self, module: torch.nn.Module) -> None:
@@ -443,6 +447,7 @@ class Guard:
         for det in self._detectors:
             if det.code in state.get("detectors", {}):
                 det.load_state_dict(state["detectors"][det.code])
+        self._refresh_handlers()
 
     # ------------------------------------------------------------------ internals
     def _attach_detector(self, det: Detector) -> None:
@@ -451,16 +456,12 @@ class Guard:
         except Exception as exc:
             self._publish(self._internal_error(f"{det.code} {det.name}", exc, det))
             return
-        for event, attr in type(det).handlers().items():
-            self._handlers.setdefault(event, []).append((det, getattr(det, attr)))
+        self.run.schedule.add(det)
+        self._refresh_handlers()
 
     def _detach_detector(self, det: Detector) -> None:
-        for event in list(self._handlers):
-            kept = [(d, m) for d, m in self._handlers[event] if d is not det]
-            if kept:
-                self._handlers[event] = kept
-            else:
-                del self._handlers[event]
+        self.run.schedule.remove(det)
+        self._refresh_handlers()
         try:
             det.detach()
         except Exception:  # detaching must go on for the others
@@ -499,12 +500,17 @@ class Guard:
         self.emit(event)
         self.overhead_s += time.perf_counter() - start
 
+    def _refresh_handlers(self) -> None:
+        schedule = self.run.schedule
+        self._handlers = schedule.table(self.run._step + 1)
+        self._schedule_version = schedule.version
+
     def _deliver(self, event: Event) -> list[Finding]:
         listeners = self._handlers.get(event.__class__)
         if not listeners:
             return []
         new: list[Finding] = []
-        for det, method in list(listeners):
+        for det, method in listeners:
             try:
                 out = method(event)
                 if out:
@@ -517,6 +523,8 @@ class Guard:
                             new.append(recorded)
             except Exception as exc:
                 new.extend(self._internal_error(f"{det.code} {det.name}", exc, det))
+        if self.run.schedule.version != self._schedule_version:
+            self._refresh_handlers()  # a detector stopped or started listening
         return new
 
     def _record(self, finding: Finding) -> Finding | None:

@@ -11,11 +11,16 @@ reading it costs the same on a 7B model as on a toy.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gradguard.sampling import Budget
+from gradguard.schedule import Schedule
+
+if TYPE_CHECKING:
+    from gradguard.detector import Detector
+    from gradguard.events import Event
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -45,6 +50,7 @@ class Run:
 
     def __init__(self, budget: Budget, global_hooks: bool = False) -> None:
         self.budget = budget
+        self.schedule = Schedule(budget)
         #: whether every module and optimizer of the process is watched (``gradguard run``)
         self.global_hooks = global_hooks
         self._step = 0
@@ -144,6 +150,10 @@ class Run:
         if self._params is None:
             self.named_parameters()
         return id(module) in self._module_ids
+
+    def listen(self, detector: Detector, event: type[Event], on: bool) -> None:
+        """A detector starts or stops receiving one of its events (see :meth:`Detector.listen`)."""
+        self.schedule.listen(detector, event, on)
 
     # ------------------------------------------------------------------ written by the guard
     def _add_model(self, module: torch.nn.Module) -> None:

@@ -89,6 +89,7 @@ class FrozenNormStats(Detector):
     name = "frozen-norm-stats-updating"
     hint = "Call .eval() on the frozen part after each model.train() (e.g. model.backbone.eval())"
     consumes = (StepEnd,)
+    every = 4
     state_fields = ("flagged",)
 
     def setup(self) -> None:

@@ -87,6 +87,7 @@ class FrozenParamUpdated(Detector):
     name = "frozen-param-updated"
     hint = "Set p.grad = None for frozen parameters (zero_grad(set_to_none=True)) or keep them out of the optimizer"
     consumes = (StepPre, StepPost, Close)
+    every = 4
     state_fields = ("flagged_steps",)
 
     def setup(self) -> None:

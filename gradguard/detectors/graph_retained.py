@@ -24,8 +24,7 @@ _CHECK_BUDGET = 8192  # graph nodes walked in one check, all values together
 _INPUT_BUDGET = 128  # graph nodes walked from one input of a forward
 _MAX_FRAMES = 8  # user frames looked at in one check
 _STALE_CALLS = 16  # an optimizer that did not step in this many step() calls no longer ends rounds
-_EVERY_CHECK_UNTIL = 32  # check at every boundary at first, then every _CHECK_EVERY
-_CHECK_EVERY = 8
+_CHECK_EVERY = 8  # check at every boundary during the warm-up, then every _CHECK_EVERY
 
 
 class GraphRetained(Detector):
@@ -83,8 +82,8 @@ class GraphRetained(Detector):
             total_loss += loss        # GG201: keeps the graph of every step alive
             # fix: total_loss += loss.item()
 
-    **Cost.** A stamp per model call; at each step boundary (every step for the first 32,
-    then every 8th) a look at the user's frames and at the attributes of a rotating few of
+    **Cost.** A stamp per model call; at each step boundary (every step during the warm-up,
+    the first 32, then every 8th) a look at the user's frames and at the attributes of a rotating few of
     the model's modules, and walks of at most a few hundred graph nodes per held value. No
     tensor value is read and the GPU is never synchronised. Graphs built outside a watched
     model's forward (a model written as plain functions) carry no stamp and are not seen.
@@ -144,7 +143,7 @@ class GraphRetained(Detector):
             return None
         self._group += 1
         self._group_members = {id(event.module)}
-        if _due(self._group):
+        if self._due(self._group):
             self._check(iterations=True)  # iteration findings wait for the end of the run
         return None
 
@@ -152,6 +151,7 @@ class GraphRetained(Detector):
     def _after_step(self, event: StepPost) -> Findings:
         self._calls += 1
         if self._calls == 1:  # training: optimizer steps, not model calls, are the unit of history
+            self.listen(ForwardPre, False)
             self._pending.clear()
             self._previous.clear()
             self._seen.clear()
@@ -164,7 +164,7 @@ class GraphRetained(Detector):
             return None  # another optimizer has yet to step in this round (a GAN)
         self._round += 1
         self._stepped = set()
-        return self._check(iterations=False) if _due(self._round) else None
+        return self._check(iterations=False) if self._due(self._round) else None
 
     @on(ForwardPost)
     def _after_forward(self, event: ForwardPost) -> Findings:
@@ -227,6 +227,9 @@ class GraphRetained(Detector):
         return {"checks": self.checks, "retained": retained}
 
     # ---------------------------------------------------------------- rounds
+    def _due(self, n: int) -> bool:
+        return n <= self.run.budget.warmup or n % _CHECK_EVERY == 0
+
     def _register(self, optimizer: torch.optim.Optimizer) -> tuple[weakref.ref[torch.optim.Optimizer], list[int]]:
         rec = self._optimizers.get(id(optimizer))
         if rec is None or rec[0]() is not optimizer:
@@ -352,10 +355,6 @@ class GraphRetained(Detector):
         }
         location = retention.locate(place, frames if frames is not None else user_frames(_MAX_FRAMES, installed=False))
         return place.key, self.finding(message, where=place.where, location=location, hint=hint, data=data)
-
-
-def _due(n: int) -> bool:
-    return n <= _EVERY_CHECK_UNTIL or n % _CHECK_EVERY == 0
 
 
 def _grad_mark(p: torch.Tensor) -> tuple[int, int] | None:

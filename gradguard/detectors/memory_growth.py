@@ -17,7 +17,7 @@ from gradguard.introspect.naming import Namer
 from gradguard.memory.census import culprit_text
 from gradguard.memory.metrics import MetricStates
 from gradguard.memory.owners import explain, fill_steps
-from gradguard.memory.series import Cadence, Recorder, ema, rise
+from gradguard.memory.series import Cadence, Recorder, rise
 
 _GRAPH_HINT = (
     "Run evaluation under torch.no_grad() (or torch.inference_mode()), or keep outputs.detach(), "
@@ -159,6 +159,7 @@ class MemoryGrowth(Detector):
             if self.flagged:
                 return None  # the evaluation series already told its story; keep it whole
             self._clock = "step"
+            self.listen(ForwardPre, False)
             self._rec.restart()
             self._suspicion = None
         return self._tick(event.step)
@@ -212,13 +213,26 @@ class MemoryGrowth(Detector):
         start = time.perf_counter()
         sample = self._sampler.sample()
         took = time.perf_counter()
-        cadence.cost = ema(cadence.cost, took - start)
-        if self._sampler.has_heap and self._rec.seen % cadence.heap_every == 0:
+        heap_cost = None
+        if self._sampler.has_heap and cadence.heap_due():
             heap = self._sampler.heap()
             if heap is not None:
                 sample["heap"] = heap
-            cadence.heap_cost = ema(cadence.heap_cost, time.perf_counter() - took)
+            heap_cost = time.perf_counter() - took
+        cadence.measured(took - start, heap_cost)
         self._rec.record(x, sample)
+        heap_points = self._rec.windows.get("heap")
+        # sparse heap readings that already rise, a growth being confirmed, or one found (which
+        # may yet stop: a cache filling up): read it at every sample
+        cadence.dense = (
+            self._suspicion is not None
+            or "heap" in self.flagged
+            or (
+                heap_points is not None
+                and len(heap_points) >= 8
+                and rise(list(heap_points)[-8:]) >= 0.25 * self.min_growth
+            )
+        )
         return None if x <= self.warmup else self._decide(x)
 
     # ---------------------------------------------------------------- deciding

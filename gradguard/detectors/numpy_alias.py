@@ -85,6 +85,8 @@ class NumpyAliasMutated(Detector):
         self._written: dict[Key, Written] = {}
         self._site_names: dict[Site, tuple[str | None, str | None]] = {}
         self._param_names: dict[int, str | None] = {}
+        self.listen(ForwardPre, False)  # until an alias is made
+        self.listen(StepEnd, False)  # until an alias is suspected
 
     def teardown(self) -> None:
         self._table.clear()
@@ -134,11 +136,15 @@ class NumpyAliasMutated(Detector):
                 else:
                     del self._written[key]
         self._table.add(Alias(array, tensor, how, site, key, crc))
+        self.listen(ForwardPre, True)
+        if self._suspects:
+            self.listen(StepEnd, True)
         return out
 
     @on(ForwardPre)
     def _forward(self, event: ForwardPre) -> Findings:
         if not self._table.by_tensor:
+            self.listen(ForwardPre, False)
             return None
         out: list[Finding] = []
         for tensor in aliases.forward_tensors(event.args, event.kwargs):
@@ -167,6 +173,7 @@ class NumpyAliasMutated(Detector):
             return None
         out = [self._kept_alias(r) for r in self._suspects if not r.reported and r.product() is not None]
         self._suspects.clear()  # the others died before the step: a variable rebound, not a bug
+        self.listen(StepEnd, False)
         return out
 
     @on(Close)

@@ -68,6 +68,7 @@ class ParamNotInOptimizer(Detector):
         "if they are not meant to train, freeze them with requires_grad_(False)"
     )
     consumes = (StepPre, Close)
+    every = 4
     state_fields = ("flagged",)
 
     def setup(self) -> None:

@@ -144,6 +144,7 @@ class ParamWithoutGrad(Detector):
             rotation = self._rotations[id(optimizer)] = Rotation(self._budget, dwell=self.window)
         missing: list[str] = []
         watched: list[_Record] = []
+        reused = False
         records = self._records
         for p in rotation.select([g["params"] for g in optimizer.param_groups], tick):
             rec = records.get(id(p))
@@ -155,6 +156,8 @@ class ParamWithoutGrad(Detector):
             grad = p.grad
             got = grad is not None and (rec.touched or rec.changed(grad) or not continuous)
             rec.touched = False
+            if grad is not None and rec.grad_ref is not None and rec.grad_ref() is grad:
+                reused = True  # the same .grad tensor as last step: zeroed in place, not set to None
             rec.look(grad)
             if not p.requires_grad or got:
                 rec.missed = 0  # frozen: the count starts again once unfrozen
@@ -164,6 +167,9 @@ class ParamWithoutGrad(Detector):
                 self._reported.add(id(p))
                 missing.append(rec.name)
         self._watch[id(optimizer)] = watched
+        # backward() need only be watched for .grad tensors kept from step to step (zeroed in place)
+        self.listen(BackwardPre, reused)
+        self.listen(BackwardPost, reused)
         if len(records) > 4 * len(watched) + 4096:
             self._records = {k: r for k, r in records.items() if r.ref() is not None}
         if not missing:

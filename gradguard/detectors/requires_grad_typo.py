@@ -121,6 +121,7 @@ class RequiresGradTypo(Detector):
     name = "requires-grad-typo"
     hint = "Spell it requires_grad, or call module.requires_grad_(False) / p.requires_grad_(False)"
     consumes = (ModelAdded, OptimizerAdded, StepEnd)
+    every = 8
     state_fields = ("flagged",)
 
     def setup(self) -> None:

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 
@@ -22,19 +23,28 @@ def ema(mean: float, value: float) -> float:
 
 
 class Cadence:
-    """Whether to take a sample at this event, keeping sampling under about 5% of a step.
+    """Whether to take a sample at this event, and the heap reading with it.
 
-    Steps far shorter than a sample get a stride (every n-th event), and the heap counter,
-    which can cost more than the others, is read only every m-th sample when it does.
+    Steps far shorter than a sample get a stride (every n-th event) that keeps sampling
+    under 2% of a step. The heap counter (``mallinfo2``, which walks malloc's free lists and
+    costs more on a fragmented heap) is read at every sample for the first
+    ``HEAP_EVERY_SAMPLE`` samples, then every m-th sample, to stay under 0.5% of a step and
+    under ``HEAP_BUDGET_S`` per step whatever the step (a cost that does not grow with the
+    model), except while the detector asks for it at every sample (``dense``): when the
+    sparse readings already rise, or while a growth is being confirmed.
     """
+
+    HEAP_EVERY_SAMPLE = 32
+    HEAP_BUDGET_S = 50e-6
 
     def __init__(self) -> None:
         self.stride = 1
         self.heap_every = 1
+        self.dense = False
         self._since = 0
         self._last = 0.0
         self._dt = 0.0
-        self._events = 0
+        self._samples = 0
         self.cost = 0.0
         self.heap_cost = 0.0
 
@@ -43,15 +53,26 @@ class Cadence:
         if self._last:
             self._dt = ema(self._dt, now - self._last)
         self._last = now
-        self._events += 1
-        if self._events % 32 == 0 and self._dt > 0:
-            self.stride = max(1, min(16, int(self.cost * 20 / self._dt)))
-            self.heap_every = max(1, min(64, int(self.heap_cost * 20 / (self._dt * self.stride))))
         self._since += 1
         if self._since < self.stride and not force:
             return False
         self._since = 0
         return True
+
+    def heap_due(self) -> bool:
+        """Whether this sample reads the heap counter too."""
+        return self.dense or self._samples < self.HEAP_EVERY_SAMPLE or self._samples % self.heap_every == 0
+
+    def measured(self, cost: float, heap_cost: float | None) -> None:
+        """What the last sample cost (and the heap reading, if there was one): adapt the cadence."""
+        self._samples += 1
+        self.cost = ema(self.cost, cost)
+        if heap_cost is not None:
+            self.heap_cost = ema(self.heap_cost, heap_cost)
+        if self._dt > 0:
+            self.stride = max(1, min(16, int(self.cost * 50 / self._dt)))
+            budget = min(0.005 * self._dt * self.stride, self.HEAP_BUDGET_S)
+            self.heap_every = max(1, min(64, math.ceil(self.heap_cost / budget)))
 
 
 class Recorder:
