@@ -15,7 +15,7 @@ forward hook is used: it would send every submodule call down torch's slow path 
   events then come from where the call is still eager: the ``OptimizedModule`` that
   ``torch.compile(model)`` returns (hooked when it is made, or found once when a compiled
   model shows no forward), and, for ``model.compile()``, a small wrapper around the
-  compiled call.
+  compiled call, put in place when ``compile()`` returns.
 - **Copies**: while a guard is attached, ``torch.nn.Module.__getstate__`` leaves
   gradguard's hooks out of the state, so ``torch.save(model)``, ``pickle`` and
   ``copy.deepcopy`` (EMA, ``AveragedModel``) carry none of them.
@@ -28,7 +28,7 @@ import sys
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,19 +69,33 @@ def _wrap_getstate(original: Callable[..., Any], _notify: Callable[..., None]) -
 
 
 _GETSTATE = Patch(torch.nn.Module, "__getstate__", _wrap_getstate)
+
+
+def _wrap_compile(original: Callable[..., Any], notify: Callable[..., None]) -> Callable[..., Any]:
+    def compile(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        notify(self)
+        return result
+
+    return compile
+
+
+_COMPILE = Patch(torch.nn.Module, "compile", _wrap_compile)
 _is_compiling = torch.compiler.is_compiling
+
+
+_WRAPPERS = {"DistributedDataParallel": "module", "DataParallel": "module"}
+
+
+def _wrapped_name(module: torch.nn.Module) -> str:
+    """The attribute under which a ``torch.compile`` or data-parallel wrapper keeps the module it calls."""
+    return _WRAPPERS.get(type(module).__name__, "_orig_mod")
 
 
 def _inner(module: torch.nn.Module) -> torch.nn.Module | None:
     """The module a ``torch.compile`` or data-parallel wrapper calls, if ``module`` is one."""
-    inner = getattr(module, "_orig_mod", None)
-    if isinstance(inner, torch.nn.Module):
-        return inner
-    if type(module).__name__ in ("DistributedDataParallel", "DataParallel"):
-        inner = getattr(module, "module", None)
-        if isinstance(inner, torch.nn.Module):
-            return inner
-    return None
+    inner = module._modules.get(_wrapped_name(module))
+    return inner if isinstance(inner, torch.nn.Module) else None
 
 
 def _has_params(module: torch.nn.Module) -> bool:
@@ -133,6 +147,7 @@ class ModuleSource(Source):
     def start(self) -> None:
         self.active = True
         _GETSTATE.subscribe(self._noop)
+        _COMPILE.subscribe(self._compiled)
         self._global = [
             module_mod.register_module_module_registration_hook(self._on_child),
             module_mod.register_module_parameter_registration_hook(self._on_param),
@@ -159,6 +174,13 @@ class ModuleSource(Source):
         self._candidates.clear()
         self._children = weakref.WeakSet()
         _GETSTATE.unsubscribe(self._noop)
+        _COMPILE.unsubscribe(self._compiled)
+
+    def _compiled(self, module: torch.nn.Module) -> None:
+        """``module.compile()`` ran: a hooked module's events now come from around its compiled call."""
+        known = self._handles.get(id(module))
+        if known is not None and known[0]() is module:
+            self._wrap_compiled_call(module)
 
     def _noop(self, *args: Any) -> None:
         """The getstate patch's listener: its subscription only counts the users of the patch."""
@@ -184,9 +206,8 @@ class ModuleSource(Source):
         if iterations == self._iterations_seen and not self._scanned_compiled:
             # steps with no forward: a watched model compiled by a wrapper made before the guard
             self._scanned_compiled = True
-            for model in self.hub.run.models():
-                for wrapper in _compiled_wrappers(model):
-                    self.watch(wrapper)
+            for wrapper in _compiled_wrappers(self.hub.run.models()):
+                self.watch(wrapper)
         self._iterations_seen = iterations
 
     def _hook(self, module: torch.nn.Module) -> None:
@@ -197,6 +218,7 @@ class ModuleSource(Source):
         post = module.register_forward_hook(self._post, with_kwargs=True, always_call=True)
         _HOOK_IDS.update((pre.id, post.id))
         self._handles[id(module)] = (weakref.ref(module), [pre, post])
+        self._wrap_compiled_call(module)
 
     def _unhook(self, module: torch.nn.Module) -> None:
         known = self._handles.pop(id(module), None)
@@ -255,8 +277,9 @@ class ModuleSource(Source):
             return
         try:
             self.hub.module_changed(parent)
-            if id(child) in self._roots and _inner(parent) is child:
-                self.watch(parent)  # torch.compile(model) or DDP(model) of a watched model
+            if id(child) in self._roots and name == _wrapped_name(parent):
+                self._hook(parent)  # torch.compile(model) or DDP(model) of a watched model: called instead
+                self._roots.add(id(parent))
             if self.discover:
                 self._children.add(child)
                 if id(child) in self._candidates:
@@ -296,14 +319,15 @@ def _is_module_type(tp: type) -> bool:
     return known
 
 
-def _compiled_wrappers(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """``torch.compile`` wrappers (``OptimizedModule``) of ``module`` that already exist."""
+def _compiled_wrappers(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """``torch.compile`` wrappers (``OptimizedModule``) of these modules that already exist (one pass over gc)."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     optimized = getattr(eval_frame, "OptimizedModule", None)
-    if optimized is None:
-        return
-    for holder in gc.get_referrers(module):
-        if isinstance(holder, dict) and any(v is module for v in holder.values()):
-            for owner in gc.get_referrers(holder):
-                if isinstance(owner, optimized) and getattr(owner, "_orig_mod", None) is module:
-                    yield owner
+    if optimized is None or not modules:
+        return []
+    wanted = {id(m) for m in modules}
+    return [
+        obj
+        for obj in gc.get_objects()
+        if type(obj) is optimized and id(obj.__dict__.get("_modules", {}).get("_orig_mod")) in wanted
+    ]
