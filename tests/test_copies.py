@@ -76,7 +76,7 @@ def test_a_guarded_model_saves_pickles_and_copies_without_gradguard_hooks(mode, 
 
 
 def test_a_copy_made_while_guarded_never_reports_to_the_guard():
-    model, opt, guard = _guarded("Guard")
+    model, _opt, guard = _guarded("Guard")
     try:
         twin = copy.deepcopy(model)
         before = guard.iteration
