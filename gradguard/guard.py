@@ -114,7 +114,6 @@ class Guard:
         self._optimizer_ids: set[int] = set()
         self._findings: dict[tuple[Any, ...], Finding] = {}
         self._handlers: Table = {}  # the handlers of each event in the step in progress
-        self._schedule_version = -1
         self._sources: list[Source] = []
         self._modules: ModuleSource | None = None
         self._optimizer_source: OptimizerSource | None = None
@@ -148,9 +147,9 @@ class Guard:
         self._attached = True
         _ACTIVE.add(self)
         self._started = time.perf_counter()
+        self.run.schedule.on_change = self._refresh_handlers
         for det in self._detectors:
             self._attach_detector(det)
-        self._refresh_handlers()
         consumed = self.run.schedule.consumed()
         self._modules = ModuleSource(self, discover=self.global_hooks)
         self._optimizer_source = OptimizerSource(self, global_hooks=self.global_hooks)
@@ -197,6 +196,7 @@ class Guard:
             for det in self._detectors:
                 if det.attached:
                     self._detach_detector(det)
+            self.run.schedule.on_change = None
             self._targets.clear()
             self._model_ids.clear()
             self._optimizer_ids.clear()
@@ -457,11 +457,9 @@ class Guard:
             self._publish(self._internal_error(f"{det.code} {det.name}", exc, det))
             return
         self.run.schedule.add(det)
-        self._refresh_handlers()
 
     def _detach_detector(self, det: Detector) -> None:
         self.run.schedule.remove(det)
-        self._refresh_handlers()
         try:
             det.detach()
         except Exception:  # detaching must go on for the others
@@ -501,9 +499,7 @@ class Guard:
         self.overhead_s += time.perf_counter() - start
 
     def _refresh_handlers(self) -> None:
-        schedule = self.run.schedule
-        self._handlers = schedule.table(self.run._step + 1)
-        self._schedule_version = schedule.version
+        self._handlers = self.run.schedule.table(self.run._step + 1)
 
     def _deliver(self, event: Event) -> list[Finding]:
         listeners = self._handlers.get(event.__class__)
@@ -523,8 +519,6 @@ class Guard:
                             new.append(recorded)
             except Exception as exc:
                 new.extend(self._internal_error(f"{det.code} {det.name}", exc, det))
-        if self.run.schedule.version != self._schedule_version:
-            self._refresh_handlers()  # a detector stopped or started listening
         return new
 
     def _record(self, finding: Finding) -> Finding | None:

@@ -58,7 +58,8 @@ class Schedule:
         self._cycle = 1
         self._tables: list[Table] = [{}]
         self._always: Table = {}
-        self.version = 0  # goes up whenever the tables change
+        #: called whenever the tables change (the guard takes the table of the step in progress)
+        self.on_change: Callable[[], None] | None = None
 
     def add(self, detector: Detector) -> None:
         self._detectors.append(detector)
@@ -91,7 +92,6 @@ class Schedule:
         return self._tables[step % self._cycle]
 
     def _rebuild(self) -> None:
-        self.version += 1
         everys = [max(1, type(d).every) for d in self._detectors] or [1]
         cycle = 1
         for every in everys:
@@ -99,6 +99,8 @@ class Schedule:
         self._cycle = cycle
         self._always = self._build(None)
         self._tables = [self._build(phase) for phase in range(cycle)]
+        if self.on_change is not None:
+            self.on_change()
 
     def _build(self, phase: int | None) -> Table:
         table: dict[type[Event], list[Handler]] = {}
