@@ -232,3 +232,11 @@ def torch_dtype(dtype: np.dtype) -> torch.dtype | None:
         except (TypeError, RuntimeError):
             return None
     return known
+
+
+def parameter_at(named: list[tuple[str, torch.nn.Parameter]], ptr: int, shape: tuple[int, ...]) -> str | None:
+    """The name of the CPU parameter whose memory starts at ``ptr`` with this shape, if any."""
+    for name, p in named:
+        if p.device.type == "cpu" and p.data_ptr() == ptr and tuple(p.shape) == tuple(shape):
+            return name
+    return None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
@@ -28,8 +28,9 @@ import torch
 
 from gradguard.findings import Location
 from gradguard.introspect import sites
-from gradguard.introspect.frames import code_location, frame_location
-from gradguard.introspect.graph import walk
+from gradguard.introspect.frames import code_location, frame_location, frame_variables
+from gradguard.introspect.graph import graph_tensors, walk
+from gradguard.introspect.naming import name_in_frame
 
 KEY = "gradguard.GG201"  # the key of the stamp in grad_fn.metadata
 TOKENS = itertools.count(1)  # tells the stamps of one detector from another's
@@ -63,6 +64,10 @@ class Span:
         """How many epochs the stamps met span (a graph fed back counts once)."""
         return self.hi - self.first + 1
 
+    def outgrows(self, before: Span) -> bool:
+        """Whether this holds the stamps of several epochs, more than when ``before`` was seen."""
+        return before.stamped >= 2 and self.stamped >= 2 and self.first <= before.first and self.hi > before.hi
+
     def merge(self, other: Span) -> None:
         self.lo = min(self.lo, other.lo)
         self.hi = max(self.hi, other.hi)
@@ -85,6 +90,86 @@ class Place:
     def seen_in(self, frame: FrameType) -> None:
         self.frame = frame
         self.line = frame_location(frame)
+
+
+def frame_key(frame: FrameType, name: str) -> tuple[Any, ...]:
+    """A variable of a function, the same at each call of the function."""
+    code = frame.f_code
+    return ("frame", code.co_filename, code.co_firstlineno, code.co_name, name)
+
+
+def held_places(
+    frames: list[FrameType],
+    modules: list[tuple[torch.nn.Module, str, torch.nn.Module]],
+    span: Callable[[Any], Span | None],
+) -> list[Place]:
+    """What holds stamped graphs: the frames' variables, ``self``'s attributes, the modules' attributes.
+
+    ``modules`` are ``(model, path, submodule)``; ``span(value)`` is the history a value
+    reaches, or ``None``.
+    """
+    places: list[Place] = []
+    for frame in frames:
+        for name, value in frame_variables(frame):
+            if isinstance(value, HOLDERS):
+                found = span(value)
+                if found is not None and not name.startswith("__"):
+                    places.append(Place(frame_key(frame, name), name, kind(value), found))
+                    places[-1].seen_in(frame)
+            elif name == "self" and not isinstance(value, torch.nn.Module):
+                for attr, inner in object_attrs(value):
+                    found = span(inner)
+                    if found is not None:
+                        key = ("self", type(value).__qualname__, attr)
+                        places.append(Place(key, f"self.{attr}", "attribute", found, owner=value))
+                        places[-1].seen_in(frame)
+    top = frames[0] if frames else None
+    for model, sub_name, sub in modules:
+        for attr, value in object_attrs(sub):
+            found = span(value)
+            if found is not None:
+                base = name_in_frame(top, model, attributes=False) or type(model).__name__
+                path = ".".join(p for p in (base, sub_name, attr) if p)
+                places.append(Place(("attr", path), path, "attribute", found, owner=sub))
+                if top is not None:
+                    places[-1].seen_in(top)
+    return places
+
+
+def inputs_history(
+    inputs: list[Any], token: int, limit: int, now: int, iterations: bool
+) -> tuple[tuple[int, int], list[tuple[Any, Span]]]:
+    """What a call's inputs bring in: the oldest (round, group) behind them, and those carried from
+    an earlier epoch (a state fed back without ``detach()``) with the span they carry."""
+    origin_round = origin_group = 1 << 62  # nothing older behind them
+    carried: list[tuple[Any, Span]] = []
+    for value in inputs:
+        roots = [t.grad_fn for t in graph_tensors(value, depth=2) if t.grad_fn is not None]
+        found = spans(roots, token, limit) if roots else None
+        if found is None:
+            continue
+        rounds, groups = found
+        origin_round, origin_group = min(origin_round, rounds.lo), min(origin_group, groups.lo)
+        span = groups if iterations else rounds
+        if span.lo < now:
+            carried.append((value, Span(span.lo, now, span.first, carried=True)))
+    return (origin_round, origin_group), carried
+
+
+def carried_places(frame: FrameType | None, module_type: type, carried: list[tuple[Any, Span]]) -> list[Place]:
+    """The places of states fed back into a model: the caller's variable, else "an input of" the model."""
+    places = []
+    for value, span in carried:
+        name = name_in_frame(frame, value, attributes=False)
+        if name is None or frame is None:
+            key = ("input", module_type.__qualname__)
+            place = Place(key, f"an input of {module_type.__name__}", "variable", span)
+        else:
+            place = Place(frame_key(frame, name), name, kind(value), span)
+        if frame is not None:
+            place.seen_in(frame)
+        places.append(place)
+    return places
 
 
 def stamp(outputs: Iterable[torch.Tensor], value: Stamp) -> None:
@@ -166,9 +251,19 @@ def locate(place: Place, frames: list[FrameType]) -> Location | None:
     return code_location(code, found.best(container=place.kind in ("list", "dict", "deque")) or place.frame.f_lineno)
 
 
-def describe(place: Place, unit: str, iterations: bool) -> tuple[str, str]:
-    """A finding's message and hint for a place that keeps graphs of several epochs."""
+def describe(place: Place, iterations: bool) -> tuple[str, str, dict[str, Any]]:
+    """A finding's message, hint and evidence for a place that keeps graphs of several epochs."""
+    unit = "iteration" if iterations else "step"
     span, name = place.span, place.where
+    data = {
+        "variable": name,
+        "kind": place.kind,
+        "steps_spanned": span.epochs,
+        "first_step": span.lo,
+        "last_step": span.hi,
+        "unit": unit,
+        "carried": span.carried,
+    }
     if place.kind in ("list", "tuple", "dict", "deque") and not span.carried:
         holder = f"{place.kind} `{name}`"
     elif place.kind == "attribute":
@@ -187,7 +282,7 @@ def describe(place: Place, unit: str, iterations: bool) -> tuple[str, str]:
             hint = f"Detach the carried state at each batch: `{name} = {name}.detach()`"
         if iterations:
             hint += ", or evaluate under `torch.no_grad()`"
-        return message, hint
+        return message, hint, data
     message = (
         f"{holder} holds autograd graphs of {span.epochs} {unit}s ({unit}s {span.lo} to {span.hi}) and "
         f"more at each {unit}: every one stays in memory with what it saved for backward"
@@ -198,4 +293,4 @@ def describe(place: Place, unit: str, iterations: bool) -> tuple[str, str]:
         hint = f"Keep numbers, not graph tensors: `{name}.append(loss.item())` (or loss.detach())"
     else:
         hint = f"Accumulate a number, not the tensor: `{name} += loss.item()` (or loss.detach())"
-    return message, hint
+    return message, hint, data

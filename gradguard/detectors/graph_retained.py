@@ -13,9 +13,8 @@ from gradguard import retention
 from gradguard.detector import Detector, Findings, on
 from gradguard.events import Close, ForwardPost, ForwardPre, ModelAdded, OptimizerAdded, StepPost
 from gradguard.findings import Finding
-from gradguard.introspect.frames import frame_variables, user_frame, user_frames
+from gradguard.introspect.frames import user_frame, user_frames
 from gradguard.introspect.graph import graph_tensors
-from gradguard.introspect.naming import name_in_frame
 from gradguard.retention import Place, Span
 from gradguard.sampling import Rotation
 
@@ -173,37 +172,13 @@ class GraphRetained(Detector):
             return None
         iterations = self._calls == 0
         now = self._group if iterations else self._round
-        origin_round, origin_group = self._round, self._group
-        carried: list[tuple[Any, Span]] = []
-        for value in itertools.chain(event.args, event.kwargs.values()):
-            roots = [t.grad_fn for t in graph_tensors(value, depth=2) if t.grad_fn is not None]
-            found = retention.spans(roots, self._token, _INPUT_BUDGET) if roots else None
-            if found is None:
-                continue
-            rounds, groups = found
-            origin_round, origin_group = min(origin_round, rounds.lo), min(origin_group, groups.lo)
-            span = groups if iterations else rounds
-            if span.lo < now:
-                carried.append((value, Span(span.lo, now, span.first, carried=True)))
+        inputs = list(itertools.chain(event.args, event.kwargs.values()))
+        origin, carried = retention.inputs_history(inputs, self._token, _INPUT_BUDGET, now, iterations)
+        origin_round, origin_group = min(self._round, origin[0]), min(self._group, origin[1])
         retention.stamp(outputs, (self._token, self._round, self._group, origin_round, origin_group))
         if not carried:
             return None
-        frame = user_frame()
-        places = []
-        for value, span in carried:
-            name = name_in_frame(frame, value, attributes=False)
-            if name is None or frame is None:
-                place = Place(
-                    ("input", type(event.module).__qualname__),
-                    f"an input of {type(event.module).__name__}",
-                    "variable",
-                    span,
-                )
-            else:
-                place = Place(_frame_key(frame, name), name, retention.kind(value), span)
-            if frame is not None:
-                place.seen_in(frame)
-            places.append(place)
+        places = retention.carried_places(user_frame(), type(event.module), carried)
         return self._deliver([self._finding_for(p, iterations) for p in places], iterations)
 
     @on(Close)
@@ -217,13 +192,15 @@ class GraphRetained(Detector):
         return out
 
     def report(self) -> dict[str, Any]:
-        retained = []
-        for key, f in self._reported.items():
-            where = f.location.to_dict() if f.location is not None else None
-            spanned = self._max_spans.get(key, f.data.get("steps_spanned", 0))
-            retained.append(
-                {"where": f.where, "location": where, "max_steps_spanned": spanned, "unit": f.data.get("unit", "step")}
-            )
+        retained = [
+            {
+                "where": f.where,
+                "location": f.location.to_dict() if f.location is not None else None,
+                "max_steps_spanned": self._max_spans.get(key, f.data.get("steps_spanned", 0)),
+                "unit": f.data.get("unit", "step"),
+            }
+            for key, f in self._reported.items()
+        ]
         return {"checks": self.checks, "retained": retained}
 
     # ---------------------------------------------------------------- rounds
@@ -248,32 +225,9 @@ class GraphRetained(Detector):
         """Look at what the user holds at a boundary; report places whose history keeps growing."""
         self.checks += 1
         budget = [_CHECK_BUDGET]
-        places: list[Place] = []
         frames = user_frames(_MAX_FRAMES, installed=False)
-        for frame in frames:
-            for name, value in frame_variables(frame):
-                if isinstance(value, retention.HOLDERS):
-                    span = self._span(value, budget)
-                    if span is not None and not name.startswith("__"):
-                        places.append(Place(_frame_key(frame, name), name, retention.kind(value), span))
-                        places[-1].seen_in(frame)
-                elif name == "self" and not isinstance(value, torch.nn.Module):
-                    for attr, inner in retention.object_attrs(value):
-                        span = self._span(inner, budget)
-                        if span is not None:
-                            key = ("self", type(value).__qualname__, attr)
-                            places.append(Place(key, f"self.{attr}", "attribute", span, owner=value))
-                            places[-1].seen_in(frame)
-        top = frames[0] if frames else None
-        for model, sub_name, sub in self._modules.select([self._submodules()], self.checks):
-            for attr, value in retention.object_attrs(sub):
-                span = self._span(value, budget)
-                if span is not None:
-                    base = name_in_frame(top, model, attributes=False) or type(model).__name__
-                    path = ".".join(p for p in (base, sub_name, attr) if p)
-                    places.append(Place(("attr", path), path, "attribute", span, owner=sub))
-                    if top is not None:
-                        places[-1].seen_in(top)
+        modules = self._modules.select([self._submodules()], self.checks)
+        places = retention.held_places(frames, modules, lambda value: self._span(value, budget))
         out = []
         for place in places:
             span = place.span
@@ -288,14 +242,7 @@ class GraphRetained(Detector):
             # is computed from it (the output of the call) is not reported again. Only a value
             # that holds the stamps of several epochs, more at each look, is a new finding.
             gap = 1 if place.kind != "attribute" else self._modules.budget.coverage([len(self._module_list)])
-            if (
-                before is not None
-                and self.checks - before[1] <= gap
-                and before[0].stamped >= 2
-                and span.stamped >= 2
-                and span.first <= before[0].first
-                and span.hi > before[0].hi
-            ):
+            if before is not None and self.checks - before[1] <= gap and span.outgrows(before[0]):
                 out.append(self._finding_for(place, iterations, frames))
         if len(self._previous) > 4096:
             self._previous = {k: v for k, v in self._previous.items() if self.checks - v[1] <= 64}
@@ -341,18 +288,7 @@ class GraphRetained(Detector):
     def _finding_for(
         self, place: Place, iterations: bool, frames: list[Any] | None = None
     ) -> tuple[tuple[Any, ...], Finding]:
-        unit = "iteration" if iterations else "step"
-        message, hint = retention.describe(place, unit, iterations)
-        span = place.span
-        data = {
-            "variable": place.where,
-            "kind": place.kind,
-            "steps_spanned": span.epochs,
-            "first_step": span.lo,
-            "last_step": span.hi,
-            "unit": unit,
-            "carried": span.carried,
-        }
+        message, hint, data = retention.describe(place, iterations)
         location = retention.locate(place, frames if frames is not None else user_frames(_MAX_FRAMES, installed=False))
         return place.key, self.finding(message, where=place.where, location=location, hint=hint, data=data)
 
@@ -360,8 +296,3 @@ class GraphRetained(Detector):
 def _grad_mark(p: torch.Tensor) -> tuple[int, int] | None:
     grad = p.grad
     return None if grad is None else (id(grad), grad._version)
-
-
-def _frame_key(frame: Any, name: str) -> tuple[Any, ...]:
-    code = frame.f_code
-    return ("frame", code.co_filename, code.co_firstlineno, code.co_name, name)

@@ -2,66 +2,16 @@
 
 from __future__ import annotations
 
-import weakref
-from typing import Any
-
 import torch
 
 from gradguard.detector import Detector, Findings, on
 from gradguard.events import BackwardPost, BackwardPre, Close, StepPost, StepPre
 from gradguard.findings import Finding, Location, format_names
+from gradguard.gradients import GradRecord, param_lists
 from gradguard.introspect import device
 from gradguard.introspect.frames import user_frame, user_location
 from gradguard.introspect.naming import name_in_frame
 from gradguard.sampling import Rotation
-
-
-class _Record:
-    """What is known of one watched parameter's gradient, without holding any tensor."""
-
-    __slots__ = (
-        "consumed",
-        "grad_ref",
-        "grad_version",
-        "name",
-        "param_ref",
-        "param_version",
-        "pending",
-        "suspect",
-        "tainted",
-    )
-
-    def __init__(self, param: torch.Tensor, name: str) -> None:
-        self.param_ref = weakref.ref(param)
-        self.name = name
-        self.grad_ref: weakref.ref[torch.Tensor] | None = None
-        self.grad_version = -1
-        self.param_version = param._version
-        self.consumed = False  # an optimizer step has used the gradient as it is now
-        self.suspect = False  # backward is about to add to a gradient an update already applied
-        self.tainted = False  # it did: the gradient holds content an update already applied
-        self.pending: Any = None  # the gradient held values then: True, or a flag still on the device
-
-    def seen(self, param: torch.Tensor, grad: torch.Tensor | None, *, consumed: bool) -> None:
-        """Remember the gradient and the parameter as they are now."""
-        if grad is None:
-            self.grad_ref = None
-            self.grad_version = -1
-        else:
-            if self.grad_ref is None or self.grad_ref() is not grad:
-                self.grad_ref = weakref.ref(grad)
-            self.grad_version = grad._version
-        self.param_version = param._version
-        self.consumed = consumed
-
-    def unchanged(self, grad: torch.Tensor | None) -> bool:
-        """Whether the gradient is the same tensor, with the same contents, as when last seen."""
-        return (
-            grad is not None
-            and self.grad_ref is not None
-            and self.grad_ref() is grad
-            and (grad._version == self.grad_version)
-        )
 
 
 class MissingZeroGrad(Detector):
@@ -115,10 +65,10 @@ class MissingZeroGrad(Detector):
 
     def setup(self) -> None:
         self.flagged_updates = 0
-        self._records: dict[int, _Record] = {}
-        self._watch: dict[int, list[_Record]] = {}  # by optimizer (0: parameters no optimizer owns)
-        self._pending: list[_Record] = []
-        self._deferred: list[tuple[list[_Record], Location | None, str, bool]] = []
+        self._records: dict[int, GradRecord] = {}
+        self._watch: dict[int, list[GradRecord]] = {}  # by optimizer (0: parameters no optimizer owns)
+        self._pending: list[GradRecord] = []
+        self._deferred: list[tuple[list[GradRecord], Location | None, str, bool]] = []
         self._by_optimizer: dict[int, Rotation] = {}
         self._orphans = Rotation(self.run.budget)
         self._orphan_structure = -1
@@ -132,13 +82,13 @@ class MissingZeroGrad(Detector):
         self._orphan_params = []
 
     # ---------------------------------------------------------------- watching
-    def _record(self, param: torch.Tensor) -> _Record | None:
+    def _record(self, param: torch.Tensor) -> GradRecord | None:
         rec = self._records.get(id(param))
         if rec is not None and rec.param_ref() is param:
             return rec
         if not param.requires_grad or not param.is_leaf or torch.nn.parameter.is_lazy(param):
             return None  # a lazy parameter is watched once materialised
-        rec = _Record(param, self.run.param_name(param))
+        rec = GradRecord(param, self.run.param_name(param))
         rec.seen(param, param.grad, consumed=False)
         self._records[id(param)] = rec
         if len(self._records) > 4 * len(self.run.named_parameters()) + 1024:
@@ -169,7 +119,7 @@ class MissingZeroGrad(Detector):
     def _before_backward(self, event: BackwardPre) -> Findings:
         for optimizer in self.run.optimizers():
             if id(optimizer) not in self._watch:  # not stepped yet: watch it as it is
-                self._sample(id(optimizer), self._rotation(optimizer).select(_groups(optimizer), 0), consumed=False)
+                self._sample(id(optimizer), self._rotation(optimizer).select(param_lists(optimizer), 0), consumed=False)
         if not self.run.step and 0 not in self._watch:
             self._sample(0, self._orphan_sample(), consumed=False)
         for recs in self._watch.values():
@@ -224,7 +174,7 @@ class MissingZeroGrad(Detector):
         optimizer = event.optimizer
         out = self._report(optimizer, during_step=True) if self._pending or self._deferred else None
         ticks = self.run.optimizer_steps(optimizer)
-        self._sample(id(optimizer), self._rotation(optimizer).select(_groups(optimizer), ticks), consumed=True)
+        self._sample(id(optimizer), self._rotation(optimizer).select(param_lists(optimizer), ticks), consumed=True)
         self._watch.pop(0, None)
         return out
 
@@ -243,8 +193,8 @@ class MissingZeroGrad(Detector):
         out = self._drain(final=False)
         if not self._pending:
             return out
-        mine: list[_Record] = []
-        rest: list[_Record] = []
+        mine: list[GradRecord] = []
+        rest: list[GradRecord] = []
         for rec in self._pending:
             param = rec.param_ref()
             if param is None or not rec.tainted:
@@ -279,7 +229,7 @@ class MissingZeroGrad(Detector):
         self._deferred = keep
         return out
 
-    def _finding(self, recs: list[_Record], location: Location | None, opt_name: str, during_step: bool) -> Finding:
+    def _finding(self, recs: list[GradRecord], location: Location | None, opt_name: str, during_step: bool) -> Finding:
         self.flagged_updates += 1
         names = [r.name for r in recs]
         step_call = opt_name.split(" ")[0] + ".step()"
@@ -305,7 +255,7 @@ class MissingZeroGrad(Detector):
             data={"optimizer": opt_name, "parameters": names[:100], "num_parameters": len(names)},
         )
 
-    def _orphan(self, rec: _Record) -> list[Finding]:
+    def _orphan(self, rec: GradRecord) -> list[Finding]:
         value = device.resolve(rec.pending, wait=False)
         rec.pending = None
         if not value:
@@ -321,7 +271,3 @@ class MissingZeroGrad(Detector):
                 data={"parameters": [rec.name], "optimizer": None},
             )
         ]
-
-
-def _groups(optimizer: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
-    return [group["params"] for group in optimizer.param_groups]

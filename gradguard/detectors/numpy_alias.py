@@ -278,11 +278,7 @@ class NumpyAliasMutated(Detector):
         )
 
     def _names(self, frame: FrameType, rec: Alias, array: np.ndarray) -> tuple[str | None, str | None]:
-        """The variable holding the array just aliased, and the one holding the earlier alias.
-
-        Looked up once per line: a loop that keeps every alias would otherwise search its
-        growing list again at each iteration.
-        """
+        """The variables holding the array just aliased and the earlier alias, looked up once per line."""
         names = self._site_names.get(rec.site)
         if names is None:
             variable = None if rec.to_numpy else name_in_frame(frame, array, containers=True)
@@ -294,15 +290,8 @@ class NumpyAliasMutated(Detector):
 
     def _param_name(self, rec: Alias) -> str | None:
         ptr, shape = rec.key[0], rec.key[1]
-        if ptr in self._param_names:
-            return self._param_names[ptr]
-        found = None
-        for model in self.run.models():
-            for name, p in model.named_parameters():
-                if p.device.type == "cpu" and p.data_ptr() == ptr and p.shape == shape:
-                    found = name
-                    break
-        if len(self._param_names) >= _MAX_WRITTEN:
-            self._param_names.clear()
-        self._param_names[ptr] = found
-        return found
+        if ptr not in self._param_names:
+            if len(self._param_names) >= _MAX_WRITTEN:
+                self._param_names.clear()
+            self._param_names[ptr] = aliases.parameter_at(self.run.named_parameters(), ptr, shape)
+        return self._param_names[ptr]
