@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from gradguard.detector import Detector, Findings, on
@@ -122,43 +124,35 @@ class MissingZeroGrad(Detector):
                 self._sample(id(optimizer), self._rotation(optimizer).select(param_lists(optimizer), 0), consumed=False)
         if not self.run.step and 0 not in self._watch:
             self._sample(0, self._orphan_sample(), consumed=False)
-        for recs in self._watch.values():
-            for rec in recs:
-                param = rec.param_ref()
-                if param is None:
-                    continue
-                grad = param.grad
-                unchanged = rec.unchanged(grad)
-                if not unchanged:
-                    rec.tainted = False  # reset (or replaced) since: whatever it held is gone
-                rec.suspect = unchanged and (rec.consumed or param._version != rec.param_version)
-                if rec.suspect and grad is not None and not rec.tainted:
-                    rec.pending = device.holds_values(grad)  # zeroed through .data leaves no version trace
+        for rec, param in self._watched():
+            grad = param.grad
+            unchanged = rec.unchanged(grad)
+            if not unchanged:
+                rec.tainted = False  # reset (or replaced) since: whatever it held is gone
+            rec.suspect = unchanged and (rec.consumed or param._version != rec.param_version)
+            if rec.suspect and grad is not None and not rec.tainted:
+                rec.pending = device.holds_values(grad)  # zeroed through .data leaves no version trace
         return None
 
     @on(BackwardPost)
     def _after_backward(self, event: BackwardPost) -> Findings:
         out: list[Finding] = []
-        for recs in self._watch.values():
-            for rec in recs:
-                param = rec.param_ref()
-                if param is None:
-                    continue
-                grad = param.grad
-                if rec.unchanged(grad):
-                    rec.suspect = False  # this backward did not reach it
-                    continue
-                if rec.suspect and grad is not None and rec.grad_ref is not None and rec.grad_ref() is grad:
-                    # backward added to a gradient that an update had already applied
-                    if self.run.owner(param) is None:
-                        out.extend(self._orphan(rec))
-                    elif not rec.tainted:
-                        rec.tainted = True
-                        self._pending.append(rec)
-                elif rec.suspect and not rec.tainted:
-                    rec.pending = None
-                rec.suspect = False
-                rec.seen(param, grad, consumed=False)
+        for rec, param in self._watched():
+            grad = param.grad
+            if rec.unchanged(grad):
+                rec.suspect = False  # this backward did not reach it
+                continue
+            if rec.suspect and grad is not None and rec.grad_ref is not None and rec.grad_ref() is grad:
+                # backward added to a gradient that an update had already applied
+                if self.run.owner(param) is None:
+                    out.extend(self._orphan(rec))
+                elif not rec.tainted:
+                    rec.tainted = True
+                    self._pending.append(rec)
+            elif rec.suspect and not rec.tainted:
+                rec.pending = None
+            rec.suspect = False
+            rec.seen(param, grad, consumed=False)
         if 0 in self._watch and not self.run.step:
             self._sample(0, self._orphan_sample(), consumed=False)
         return out
@@ -177,6 +171,13 @@ class MissingZeroGrad(Detector):
         self._sample(id(optimizer), self._rotation(optimizer).select(param_lists(optimizer), ticks), consumed=True)
         self._watch.pop(0, None)
         return out
+
+    def _watched(self) -> Iterator[tuple[GradRecord, torch.Tensor]]:
+        for recs in self._watch.values():
+            for rec in recs:
+                param = rec.param_ref()
+                if param is not None:
+                    yield rec, param
 
     def _rotation(self, optimizer: torch.optim.Optimizer) -> Rotation:
         rotation = self._by_optimizer.get(id(optimizer))

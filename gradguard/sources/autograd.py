@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from gradguard.events import BackwardPost, BackwardPre
-from gradguard.sources.base import Hub, Source
+from gradguard.sources.base import PatchSource
 from gradguard.sources.patch import Patch
 
 
@@ -34,23 +34,11 @@ def _wrap_backward(original: Callable[..., Any], notify: Callable[..., None]) ->
 _BACKWARD = Patch(torch.autograd, "backward", _wrap_backward)
 
 
-class AutogradSource(Source):
+class AutogradSource(PatchSource):
     """Events around every ``backward()`` of the process."""
 
+    patches = (_BACKWARD,)
     provides = (BackwardPre, BackwardPost)
 
-    def __init__(self, hub: Hub) -> None:
-        super().__init__(hub)
-        self._subscribed = False
-
-    def start(self) -> None:
-        _BACKWARD.subscribe(self._on_backward)
-        self._subscribed = True
-
-    def stop(self) -> None:
-        if self._subscribed:
-            _BACKWARD.unsubscribe(self._on_backward)
-            self._subscribed = False
-
-    def _on_backward(self, post: bool, roots: tuple[Any, ...]) -> None:
+    def notify(self, post: bool, roots: tuple[Any, ...]) -> None:
         self.hub.backward(post, roots)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from gradguard.events import Event
@@ -10,6 +11,7 @@ if TYPE_CHECKING:
     import torch
 
     from gradguard.run import Run
+    from gradguard.sources.patch import Patch
 
 
 class Hub(Protocol):
@@ -74,3 +76,28 @@ class Source:
 
     def refresh(self) -> None:
         """A cheap look for changes no hook reports; the guard calls it once per step."""
+
+
+class PatchSource(Source):
+    """A source whose signal comes from patched functions: it listens to them while started."""
+
+    patches: ClassVar[Sequence[Patch]] = ()
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__(hub)
+        self._subscribed = False
+
+    def start(self) -> None:
+        for patch in self.patches:
+            patch.subscribe(self.notify)
+        self._subscribed = True
+
+    def stop(self) -> None:
+        if self._subscribed:
+            for patch in self.patches:
+                patch.unsubscribe(self.notify)
+            self._subscribed = False
+
+    def notify(self, *args: Any) -> None:
+        """What the patched functions report; turned into events."""
+        raise NotImplementedError

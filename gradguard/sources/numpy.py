@@ -20,7 +20,7 @@ import torch
 
 from gradguard.events import NumpyAlias
 from gradguard.introspect.frames import is_library_file
-from gradguard.sources.base import Hub, Source
+from gradguard.sources.base import PatchSource
 from gradguard.sources.patch import Patch
 
 
@@ -89,25 +89,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
 
 
-class NumpySource(Source):
+class NumpySource(PatchSource):
     """Events for each alias between a tensor and a numpy array made by the user's code."""
 
+    patches = PATCHES
     provides = (NumpyAlias,)
 
-    def __init__(self, hub: Hub) -> None:
-        super().__init__(hub)
-        self._subscribed = False
-
-    def start(self) -> None:
-        for patch in PATCHES:
-            patch.subscribe(self._on_alias)
-        self._subscribed = True
-
-    def stop(self) -> None:
-        if self._subscribed:
-            for patch in PATCHES:
-                patch.unsubscribe(self._on_alias)
-            self._subscribed = False
-
-    def _on_alias(self, array: np.ndarray, tensor: torch.Tensor, how: str, frame: Any) -> None:
+    def notify(self, array: np.ndarray, tensor: torch.Tensor, how: str, frame: Any) -> None:
         self.hub.emit(NumpyAlias(array, tensor, how, frame))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from gradguard.events import SchedulerStep
-from gradguard.sources.base import Hub, Source
+from gradguard.sources.base import PatchSource
 from gradguard.sources.patch import Patch
 
 _depth = threading.local()
@@ -53,26 +53,12 @@ def _scheduler_classes() -> list[type]:
 _PATCHES = [Patch(cls, "step", _wrap_step) for cls in _scheduler_classes()]
 
 
-class SchedulerSource(Source):
+class SchedulerSource(PatchSource):
     """Events after every ``lr_scheduler.step()`` of the process."""
 
+    patches = _PATCHES
     provides = (SchedulerStep,)
 
-    def __init__(self, hub: Hub) -> None:
-        super().__init__(hub)
-        self._subscribed = False
-
-    def start(self) -> None:
-        for patch in _PATCHES:
-            patch.subscribe(self._on_step)
-        self._subscribed = True
-
-    def stop(self) -> None:
-        if self._subscribed:
-            for patch in _PATCHES:
-                patch.unsubscribe(self._on_step)
-            self._subscribed = False
-
-    def _on_step(self, scheduler: Any) -> None:
+    def notify(self, scheduler: Any) -> None:
         if self.hub.wants(SchedulerStep):
             self.hub.emit(SchedulerStep(scheduler))
