@@ -19,6 +19,7 @@ from gradguard.explain import explain, rules_table
 from gradguard.findings import Finding, Severity
 from gradguard.install import install, uninstall
 from gradguard.report import format_summary
+from gradguard.sampling import PER_GROUP
 
 EXIT_USAGE = 2
 EXIT_STRICT = 3
@@ -52,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--strict", action="store_true", help=f"exit with {EXIT_STRICT} if any warning or error was found")
     run.add_argument("--select", action="append", default=[], metavar="CODES", help="code prefixes or names to keep")
     run.add_argument("--ignore", action="append", default=[], metavar="CODES", help="code prefixes or names to drop")
+    run.add_argument(
+        "--budget",
+        type=_budget,
+        default=PER_GROUP,
+        metavar="N|all",
+        help=f"parameter tensors per param group that per-parameter checks look at per step after the "
+        f"first 32 steps (default {PER_GROUP}); 'all' looks at every tensor at every step",
+    )
     run.add_argument("script", metavar="SCRIPT", help="the Python script to run")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
 
@@ -96,7 +105,7 @@ def _run(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
         parser.exit(EXIT_USAGE, f"gradguard: error: no such script: {script}\n")
     json_path = None if ns.no_json else ns.json
     try:
-        guard = install(policy=ns.policy, select=ns.select, ignore=ns.ignore)
+        guard = install(policy=ns.policy, select=ns.select, ignore=ns.ignore, budget=ns.budget)
     except ConfigurationError as exc:
         parser.exit(EXIT_USAGE, f"gradguard: error: {exc}\n")
 
@@ -156,6 +165,18 @@ def _report(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
             parser.exit(1, f"gradguard: error: could not write {ns.html}: {exc}\n")
         print(f"gradguard: HTML report written to {ns.html}", file=sys.stderr)
     return 0
+
+
+def _budget(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tensors or 'all' but got {text!r}")
+    return value
 
 
 def _exec_script(script: str, args: list[str]) -> int:

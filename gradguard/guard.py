@@ -41,6 +41,7 @@ from gradguard.sources import SOURCES, ModuleSource, OptimizerSource, Source
 DetectorSpec = str | type[Detector] | Detector
 
 _ACTIVE: weakref.WeakSet[Guard] = weakref.WeakSet()
+_REFRESH_EVERY = 8  # steps between the sources' looks for what no hook reports (after the warm-up)
 
 
 def active_guards() -> list[Guard]:
@@ -364,11 +365,12 @@ class Guard:
             self.emit(StepPost(optimizer))
         if self._step_base + count > run._step:
             run._step = self._step_base + count
-            for source in list(self._sources):
-                try:
-                    source.refresh()
-                except Exception as exc:
-                    self.source_failed(source, exc)
+            if run._step <= self.budget.warmup or run._step % _REFRESH_EVERY == 0:
+                for source in list(self._sources):
+                    try:
+                        source.refresh()
+                    except Exception as exc:
+                        self.source_failed(source, exc)
             if StepEnd in self._handlers:
                 self.emit(StepEnd(run._step))
             self._refresh_handlers()  # the next step's

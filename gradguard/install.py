@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from gradguard.guard import DetectorSpec, Guard
+from gradguard.sampling import PER_GROUP, Budget
 
 _installed: Guard | None = None
 
@@ -17,10 +18,12 @@ def install(
     select: Iterable[str] | str | None = None,
     ignore: Iterable[str] | str | None = None,
     json_path: str | os.PathLike[str] | None = None,
+    budget: Budget | int | None = PER_GROUP,
 ) -> Guard:
     """Watch every model and optimizer this process uses, with no change to its code.
 
-    Models are found at their first forward, optimizers at their first ``step()``.
+    Models are found at their first forward, optimizers at their first ``step()``. The
+    arguments are those of :class:`Guard`.
     Returns the installed :class:`Guard`; :func:`uninstall` removes it.
 
     Example:
@@ -35,7 +38,13 @@ def install(
     if _installed is not None:
         raise RuntimeError("gradguard is already installed; call gradguard.uninstall() first")
     guard = Guard(
-        detectors=detectors, policy=policy, select=select, ignore=ignore, json_path=json_path, global_hooks=True
+        detectors=detectors,
+        policy=policy,
+        select=select,
+        ignore=ignore,
+        json_path=json_path,
+        global_hooks=True,
+        budget=budget,
     )
     guard.attach()
     _installed = guard

@@ -23,7 +23,7 @@ _CHECK_BUDGET = 8192  # graph nodes walked in one check, all values together
 _INPUT_BUDGET = 128  # graph nodes walked from one input of a forward
 _MAX_FRAMES = 8  # user frames looked at in one check
 _STALE_CALLS = 16  # an optimizer that did not step in this many step() calls no longer ends rounds
-_CHECK_EVERY = 8  # check at every boundary during the warm-up, then every _CHECK_EVERY
+_CHECK_EVERY = 16  # check at every boundary during the warm-up, then every _CHECK_EVERY
 
 
 class GraphRetained(Detector):
@@ -82,7 +82,7 @@ class GraphRetained(Detector):
             # fix: total_loss += loss.item()
 
     **Cost.** A stamp per model call; at each step boundary (every step during the warm-up,
-    the first 32, then every 8th) a look at the user's frames and at the attributes of a rotating few of
+    the first 32, then every 16th) a look at the user's frames and at the attributes of a rotating few of
     the model's modules, and walks of at most a few hundred graph nodes per held value. No
     tensor value is read and the GPU is never synchronised. Graphs built outside a watched
     model's forward (a model written as plain functions) carry no stamp and are not seen.

@@ -14,7 +14,7 @@ from gradguard.introspect.frames import user_frames, user_location
 from gradguard.introspect.naming import Namer
 from gradguard.memory import describe
 from gradguard.memory.metrics import MetricStates
-from gradguard.memory.series import Cadence, Recorder, rise
+from gradguard.memory.series import Cadence, Recorder
 from gradguard.memory.watch import GrowthWatch
 
 
@@ -173,29 +173,27 @@ class MemoryGrowth(Detector):
         cadence = self._cadence
         if not cadence.due(force=self._watch.suspicion is not None):
             return None
-        start = time.perf_counter()
-        sample = self._sampler.sample()
-        took = time.perf_counter()
-        heap_cost = None
-        if self._sampler.has_heap and cadence.heap_due():
-            heap = self._sampler.heap()
-            if heap is not None:
-                sample["heap"] = heap
-            heap_cost = time.perf_counter() - took
-        cadence.measured(took - start, heap_cost)
+        sampler, costs = self._sampler, {}
+        begin = time.perf_counter()
+        sample = sampler.cuda()
+        for counter, read in (("rss", sampler.rss), ("heap", sampler.heap)):
+            if cadence.reads(counter):
+                start = time.perf_counter()
+                value = read()
+                costs[counter] = time.perf_counter() - start
+                if value is not None:
+                    sample[counter] = value
         self._rec.record(x, sample)
-        heap_points = self._rec.windows.get("heap")
-        # sparse heap readings that already rise, a growth being confirmed, or one found (which
-        # may yet stop: a cache filling up): read it at every sample
-        cadence.dense = (
-            self._watch.suspicion is not None
-            or "heap" in self.flagged
-            or (
-                heap_points is not None
-                and len(heap_points) >= 8
-                and rise(list(heap_points)[-8:]) >= 0.25 * self.min_growth
-            )
-        )
+        cadence.measured(time.perf_counter() - begin, costs)
+        if costs:
+            # sparse readings that already rise, a growth being confirmed, or one found (which may
+            # yet stop: a cache filling up): read that counter at every sample
+            watching = self._watch.suspicion is not None
+            cadence.dense = {
+                counter
+                for counter in costs
+                if watching or counter in self.flagged or _rising(self._rec.windows.get(counter), self.min_growth / 4)
+            }
         return None if x <= self.warmup else self._decide(x)
 
     # ---------------------------------------------------------------- deciding
@@ -252,3 +250,11 @@ def _check_args(**args: Any) -> None:
         value = args[arg]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
             raise ConfigurationError(f"Expected {arg} to be a positive number but got {value!r}")
+
+
+def _rising(points: Any, threshold: float) -> bool:
+    """Whether the last few readings of a counter stand above the ones before (two against two)."""
+    if points is None or len(points) < 4:
+        return False
+    last = list(points)[-4:]
+    return (last[2][1] + last[3][1] - last[0][1] - last[1][1]) / 2 >= threshold

@@ -62,7 +62,7 @@ class MissingZeroGrad(Detector):
     name = "missing-zero-grad"
     hint = "Call optimizer.zero_grad() once per optimizer step (after step() or before backward())"
     consumes = (BackwardPre, BackwardPost, StepPre, StepPost, Close)
-    every, duty = 4, 2  # a step that records what the optimizer used, and the next that checks it
+    every, duty = 8, 2  # a step that records what the optimizer used, and the next that checks it
     state_fields = ("flagged_updates",)
 
     def setup(self) -> None:

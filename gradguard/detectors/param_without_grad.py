@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from typing import Any
 
@@ -12,7 +13,7 @@ from gradguard.detector import Detector, Findings, on
 from gradguard.events import BackwardPost, BackwardPre, Close, ModelAdded, StepPre
 from gradguard.findings import Finding, Revision, format_names
 from gradguard.introspect.frames import user_location
-from gradguard.sampling import Budget, Rotation
+from gradguard.sampling import Rotation
 
 
 class _Record:
@@ -93,13 +94,11 @@ class ParamWithoutGrad(Detector):
         self._watch: dict[int, list[_Record]] = {}  # by optimizer: looked at around each backward()
         self._rotations: dict[int, Rotation] = {}
         budget = self.run.budget
-        # a few more per group than other checks: each sample stays for `window` steps
+        # each sample stays for `window` steps in a row (no sweep interrupts it), so take more at once
         self._budget = (
             budget
             if budget.per_group is None
-            else Budget(
-                per_group=4 * budget.per_group, max_groups=budget.max_groups, warmup=budget.warmup, sweep_every=0
-            )
+            else dataclasses.replace(budget, per_group=4 * budget.per_group, sweep_every=0)
         )
 
     def teardown(self) -> None:

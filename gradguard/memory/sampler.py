@@ -102,14 +102,10 @@ class MemorySampler:
                 self.close()
         return int(self._process.memory_info().rss)
 
-    @property
-    def has_heap(self) -> bool:
-        return self._mallinfo is not None
-
-    def sample(self) -> dict[str, int]:
-        """RSS and, when the program uses CUDA, the allocator's counters. A few microseconds."""
-        out = {"rss": self.rss()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+    def cuda(self) -> dict[str, int]:
+        """The CUDA allocator's counters, once the program has initialised CUDA (else nothing)."""
+        out: dict[str, int] = {}
+        if torch.cuda.is_initialized():
             if self.cuda_device is None:
                 self.cuda_device = torch.cuda.current_device()
             stats = torch.cuda.memory_stats(self.cuda_device)

@@ -23,30 +23,32 @@ def ema(mean: float, value: float) -> float:
 
 
 class Cadence:
-    """Whether to take a sample at this event, and the heap reading with it.
+    """When to take a memory sample, and which host counters to read with it.
 
-    Steps far shorter than a sample get a stride (every n-th event) that keeps sampling
-    under 2% of a step. The heap counter (``mallinfo2``, which walks malloc's free lists and
-    costs more on a fragmented heap) is read at every sample for the first
-    ``HEAP_EVERY_SAMPLE`` samples, then every m-th sample, to stay under 0.5% of a step and
-    under ``HEAP_BUDGET_S`` per step whatever the step (a cost that does not grow with the
-    model), except while the detector asks for it at every sample (``dense``): when the
-    sparse readings already rise, or while a growth is being confirmed.
+    Steps far shorter than a sample get a stride (every n-th event) that keeps the rest of
+    a sample (the CUDA counters, the bookkeeping) under 5% of a step. The host counters cost
+    a system call (RSS, from ``/proc``) or a walk of malloc's free lists (the heap,
+    ``mallinfo2``, slower on a fragmented heap): each is read at every sample for the first
+    ``EVERY_SAMPLE`` samples, then every m-th sample so that it costs under ``BUDGET_S`` per
+    step on average, whatever the step and however fragmented the heap (a cost that does
+    not grow with the model), except while the detector asks for it at every sample
+    (``dense``): when the sparse readings already rise, or while a growth is being confirmed.
     """
 
-    HEAP_EVERY_SAMPLE = 32
-    HEAP_BUDGET_S = 50e-6
+    EVERY_SAMPLE = 32
+    BUDGET_S = 30e-6
+    COUNTERS = ("rss", "heap")
 
     def __init__(self) -> None:
         self.stride = 1
-        self.heap_every = 1
-        self.dense = False
+        self.every = dict.fromkeys(self.COUNTERS, 1)
+        self.cost = dict.fromkeys(self.COUNTERS, 0.0)
+        self.base_cost = 0.0
+        self.dense: set[str] = set()
         self._since = 0
         self._last = 0.0
         self._dt = 0.0
         self._samples = 0
-        self.cost = 0.0
-        self.heap_cost = 0.0
 
     def due(self, *, force: bool = False) -> bool:
         now = time.perf_counter()
@@ -59,20 +61,20 @@ class Cadence:
         self._since = 0
         return True
 
-    def heap_due(self) -> bool:
-        """Whether this sample reads the heap counter too."""
-        return self.dense or self._samples < self.HEAP_EVERY_SAMPLE or self._samples % self.heap_every == 0
+    def reads(self, counter: str) -> bool:
+        """Whether this sample reads ``counter`` (``"rss"`` or ``"heap"``)."""
+        return counter in self.dense or self._samples < self.EVERY_SAMPLE or self._samples % self.every[counter] == 0
 
-    def measured(self, cost: float, heap_cost: float | None) -> None:
-        """What the last sample cost (and the heap reading, if there was one): adapt the cadence."""
+    def measured(self, total: float, costs: dict[str, float]) -> None:
+        """What this sample cost in all, and what each counter read with it cost: adapt the cadence."""
         self._samples += 1
-        self.cost = ema(self.cost, cost)
-        if heap_cost is not None:
-            self.heap_cost = ema(self.heap_cost, heap_cost)
+        self.base_cost = ema(self.base_cost, max(total - sum(costs.values()), 0.0))
+        for counter, cost in costs.items():
+            self.cost[counter] = ema(self.cost[counter], cost)
         if self._dt > 0:
-            self.stride = max(1, min(16, int(self.cost * 50 / self._dt)))
-            budget = min(0.005 * self._dt * self.stride, self.HEAP_BUDGET_S)
-            self.heap_every = max(1, min(64, math.ceil(self.heap_cost / budget)))
+            self.stride = max(1, min(16, int(self.base_cost * 20 / self._dt)))
+            for counter in self.COUNTERS:
+                self.every[counter] = max(1, min(64, math.ceil(self.cost[counter] * self.stride / self.BUDGET_S)))
 
 
 class Recorder:

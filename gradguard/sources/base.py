@@ -75,7 +75,7 @@ class Source:
         """Remove every hook and patch; drop every reference to user objects."""
 
     def refresh(self) -> None:
-        """A cheap look for changes no hook reports; the guard calls it once per step."""
+        """A cheap look for changes no hook reports; the guard calls it at each step of the warm-up, then every 8th."""
 
 
 class PatchSource(Source):

@@ -197,7 +197,7 @@ class ModuleSource(Source):
             module = _inner(module)
 
     def refresh(self) -> None:
-        """Once per step: wrap roots compiled in place since, find compiled wrappers once."""
+        """Now and then: wrap roots compiled in place since, and find compiled wrappers once."""
         for ref, _handles in list(self._handles.values()):
             module = ref()
             if module is not None and id(module) in self._roots:
