@@ -40,19 +40,20 @@ LLAMA_7B_TENSORS = 291
 GPU_STEP_MS = 30.0
 
 
-def tiny_stack(tensors: int, width: int = 8) -> nn.Module:
+def tiny_stack(tensors: int, width: int = 8, device: str = "cpu") -> nn.Module:
     """``tensors // 2`` linear layers of ``width`` features (a weight and a bias each)."""
     layers: list[nn.Module] = []
     for _ in range(max(1, tensors // 2)):
         layers += [nn.Linear(width, width), nn.Tanh()]
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers).to(device)
 
 
 def make_step(model: nn.Module, opt: torch.optim.Optimizer, width: int = 8) -> Callable[[], float]:
-    """One training step; returns the CPU time it took on this thread."""
+    """One training step; returns the CPU time it took on this thread (on a GPU: the launches)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, width, generator=gen)
-    y = torch.randn(4, width, generator=gen)
+    device = next(model.parameters()).device
+    x = torch.randn(4, width, generator=gen).to(device)
+    y = torch.randn(4, width, generator=gen).to(device)
 
     def step() -> float:
         start = time.thread_time()
@@ -66,7 +67,7 @@ def make_step(model: nn.Module, opt: torch.optim.Optimizer, width: int = 8) -> C
 
 def measure(tensors: int, args: argparse.Namespace, rng: random.Random) -> dict[str, float]:
     torch.manual_seed(0)
-    model = tiny_stack(tensors)
+    model = tiny_stack(tensors, device=args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     step = make_step(model, opt)
     # a guard that starts past its warm-up: the steady state of a long run from the first step
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--repeats", type=int, default=15, help="pairs of blocks per size")
     parser.add_argument("--warmup", type=int, default=10, help="unmeasured steps before the first block")
     parser.add_argument("--settle", type=int, default=40, help="unmeasured steps at the start of each block")
+    parser.add_argument("--device", default="cpu", help="where the models train (cpu, cuda)")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -122,7 +124,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     rows = [measure(n, args, rng) for n in sizes]
 
-    print(f"torch {torch.__version__}, {args.repeats} pairs of {args.steps}-step blocks per size, CPU thread time")
+    print(
+        f"torch {torch.__version__} on {args.device}, {args.repeats} pairs of {args.steps}-step blocks per size, "
+        "CPU thread time"
+    )
     print(f"  {'tensors':>7} {'step':>9} {'cost':>9} {'ratio':>7} {'own timer':>10}")
     for row in rows:
         print(
