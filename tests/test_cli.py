@@ -3,6 +3,7 @@ import textwrap
 
 import pytest
 
+import gradguard
 from gradguard.cli import EXIT_STRICT
 
 BUGGY = textwrap.dedent(
@@ -103,6 +104,8 @@ def test_no_json_writes_nothing(write_script, run_cli, tmp_path):
         ("run", "--policy", "loud", "x.py"),
         ("run", "--bogus", "x.py"),
         ("run", "--select", "XX9", "train.py"),
+        ("run", "--budget", "0", "train.py"),
+        ("run", "--budget", "some", "train.py"),
         ("explain", "GG999"),
         ("frobnicate",),
     ],
@@ -114,6 +117,24 @@ def test_bad_usage_is_one_line_and_exit_code_2(args, write_script, run_cli):
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("gradguard: error:")
     assert "never" not in proc.stdout
+
+
+@pytest.mark.parametrize(("budget", "expected"), [("all", None), ("2", 2)])
+def test_the_budget_option_reaches_the_guard(budget, expected, monkeypatch, tmp_path):
+    from gradguard import cli
+
+    seen = {}
+
+    def fake_install(**kwargs):
+        seen.update(kwargs)
+        raise gradguard.ConfigurationError("stop here")
+
+    monkeypatch.setattr(cli, "install", fake_install)
+    script = tmp_path / "train.py"
+    script.write_text("print('never')\n")
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--budget", budget, str(script)])
+    assert seen["budget"] == expected
 
 
 @pytest.mark.parametrize("rule", ["GG101", "missing-zero-grad"])

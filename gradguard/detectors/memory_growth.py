@@ -183,6 +183,9 @@ class MemoryGrowth(Detector):
                 costs[counter] = time.perf_counter() - start
                 if value is not None:
                     sample[counter] = value
+        if not sample:
+            cadence.measured(time.perf_counter() - begin, costs)
+            return None  # no counter due at this sample: nothing new to record or decide
         self._rec.record(x, sample)
         cadence.measured(time.perf_counter() - begin, costs)
         if costs:

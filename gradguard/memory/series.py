@@ -28,11 +28,12 @@ class Cadence:
     Steps far shorter than a sample get a stride (every n-th event) that keeps the rest of
     a sample (the CUDA counters, the bookkeeping) under 5% of a step. The host counters cost
     a system call (RSS, from ``/proc``) or a walk of malloc's free lists (the heap,
-    ``mallinfo2``, slower on a fragmented heap): each is read at every sample for the first
-    ``EVERY_SAMPLE`` samples, then every m-th sample so that it costs under ``BUDGET_S`` per
-    step on average, whatever the step and however fragmented the heap (a cost that does
-    not grow with the model), except while the detector asks for it at every sample
-    (``dense``): when the sparse readings already rise, or while a growth is being confirmed.
+    ``mallinfo2``, slower on a fragmented heap): they are read at every sample for the first
+    ``EVERY_SAMPLE`` samples, then together every m-th sample so that they cost under
+    ``BUDGET_S`` per step on average, whatever the step and however fragmented the heap (a
+    cost that does not grow with the model), except a counter the detector asks for at every
+    sample (``dense``): when its sparse readings already rise, or while a growth is being
+    confirmed.
     """
 
     EVERY_SAMPLE = 32
@@ -41,7 +42,7 @@ class Cadence:
 
     def __init__(self) -> None:
         self.stride = 1
-        self.every = dict.fromkeys(self.COUNTERS, 1)
+        self.every = 1
         self.cost = dict.fromkeys(self.COUNTERS, 0.0)
         self.base_cost = 0.0
         self.dense: set[str] = set()
@@ -63,7 +64,7 @@ class Cadence:
 
     def reads(self, counter: str) -> bool:
         """Whether this sample reads ``counter`` (``"rss"`` or ``"heap"``)."""
-        return counter in self.dense or self._samples < self.EVERY_SAMPLE or self._samples % self.every[counter] == 0
+        return counter in self.dense or self._samples < self.EVERY_SAMPLE or self._samples % self.every == 0
 
     def measured(self, total: float, costs: dict[str, float]) -> None:
         """What this sample cost in all, and what each counter read with it cost: adapt the cadence."""
@@ -73,8 +74,7 @@ class Cadence:
             self.cost[counter] = ema(self.cost[counter], cost)
         if self._dt > 0:
             self.stride = max(1, min(16, int(self.base_cost * 20 / self._dt)))
-            for counter in self.COUNTERS:
-                self.every[counter] = max(1, min(64, math.ceil(self.cost[counter] * self.stride / self.BUDGET_S)))
+            self.every = max(1, min(64, math.ceil(sum(self.cost.values()) * self.stride / self.BUDGET_S)))
 
 
 class Recorder:
