@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import time
-import traceback
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -15,6 +13,7 @@ from typing import Any
 import torch
 
 from gradguard.detector import Detector
+from gradguard.detectors import DetectorSpec, make_detectors
 from gradguard.errors import ConfigurationError
 from gradguard.events import (
     BackwardPost,
@@ -29,16 +28,14 @@ from gradguard.events import (
     StepPost,
     StepPre,
 )
-from gradguard.findings import Finding, Revision, Severity
-from gradguard.introspect.frames import user_location
+from gradguard.findings import Finding, Revision
+from gradguard.ledger import Ledger
 from gradguard.policy import Policy
 from gradguard.report import build_report, write_json_atomic
 from gradguard.run import Run, unwrap
 from gradguard.sampling import PER_GROUP, Budget
 from gradguard.schedule import Table
 from gradguard.sources import SOURCES, ModuleSource, OptimizerSource, Source
-
-DetectorSpec = str | type[Detector] | Detector
 
 _ACTIVE: weakref.WeakSet[Guard] = weakref.WeakSet()
 _REFRESH_EVERY = 8  # steps between the sources' looks for what no hook reports (after the warm-up)
@@ -109,11 +106,10 @@ class Guard:
         self.global_hooks = bool(global_hooks)
         self.budget = Budget.of(budget)
         self.run = Run(self.budget, self.global_hooks)
-        self._detectors: list[Detector] = [d for d in _make_detectors(detectors) if self.policy.enabled(d.code)]
+        self._detectors: list[Detector] = [d for d in make_detectors(detectors) if self.policy.enabled(d.code)]
         self._targets: list[weakref.ref[torch.nn.Module]] = []  # what the user calls, wrappers included
         self._model_ids: set[int] = set()
         self._optimizer_ids: set[int] = set()
-        self._findings: dict[tuple[Any, ...], Finding] = {}
         self._handlers: Table = {}  # the handlers of each event in the step in progress
         self._sources: list[Source] = []
         self._modules: ModuleSource | None = None
@@ -124,7 +120,8 @@ class Guard:
         self._started = 0.0
         self._wall = 0.0
         self.overhead_s = 0.0
-        self.finding_callbacks: list[Callable[[Finding], None]] = []
+        #: the findings, merged, and what each new one does (warn, raise, collect)
+        self.ledger = Ledger(self.policy)
         for m in models:
             self.add_model(m)
         for o in optimizers:
@@ -310,7 +307,12 @@ class Guard:
     @property
     def findings(self) -> list[Finding]:
         """Every finding so far, merged by code and place, in the order first seen."""
-        return list(self._findings.values())
+        return self.ledger.findings
+
+    @property
+    def finding_callbacks(self) -> list[Callable[[Finding], None]]:
+        """Called with each new or revised finding (``gradguard run`` rewrites its report)."""
+        return self.ledger.callbacks
 
     def revise(self, finding: Finding, **changes: Any) -> Finding:
         """Replace a published finding by a revised one (severity, message, hint, data).
@@ -318,16 +320,7 @@ class Guard:
         The finding keeps its place, first step and count; the revised one is returned and
         reported to ``finding_callbacks``. Nothing is warned or raised again.
         """
-        known = self._findings.get(finding.key)
-        if known is None:
-            raise ConfigurationError(f"Expected a finding of this guard but got {finding}")
-        allowed = {"severity", "message", "hint", "data"}
-        if not set(changes) <= allowed:
-            raise ConfigurationError(f"Expected changes among {sorted(allowed)} but got {sorted(changes)}")
-        revised = dataclasses.replace(known, **changes)
-        self._findings[finding.key] = revised
-        self._notify(revised)
-        return revised
+        return self.ledger.revise(finding, **changes)
 
     # ------------------------------------------------------------------ the sources' side
     def forward_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -445,7 +438,7 @@ class Guard:
         run._iteration = int(state.get("iteration", 0))
         for data in state.get("findings", []):
             f = Finding.from_dict(data)
-            self._findings.setdefault(f.key, f)
+            self.ledger.restore(f)
         for det in self._detectors:
             if det.code in state.get("detectors", {}):
                 det.load_state_dict(state["detectors"][det.code])
@@ -470,30 +463,7 @@ class Guard:
     def _internal_error(self, what: str, exc: BaseException, det: Detector | None) -> list[Finding]:
         if det is not None and det.attached:
             self._detach_detector(det)
-        if not self.policy.enabled("GG000"):
-            return []
-        kind = "detector" if det is not None else "gradguard's"
-        finding = Finding(
-            code="GG000",
-            name="internal-error",
-            severity=Severity.WARNING,
-            message=(
-                f"{kind} {what} failed with {type(exc).__name__}: {exc}; "
-                "it is disabled for the rest of the run, and training goes on"
-            ),
-            hint="Report this to gradguard with the traceback in data; ignore the rule meanwhile",
-            location=user_location(),
-            where=what,
-            step=self.run.step,
-            data={
-                "detector": det.code if det is not None else None,
-                "component": what,
-                "exception": f"{type(exc).__name__}: {exc}",
-                "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-            },
-        )
-        recorded = self._record(finding)
-        return [recorded] if recorded is not None else []
+        return self.ledger.internal_error(what, exc, det.code if det is not None else None, self.run.step)
 
     def _timed(self, event: Event) -> None:
         start = time.perf_counter()
@@ -524,23 +494,13 @@ class Guard:
         return new
 
     def _record(self, finding: Finding) -> Finding | None:
-        """Merge into the findings; return the finding if it is new."""
-        known = self._findings.get(finding.key)
-        if known is not None:
-            self._findings[finding.key] = dataclasses.replace(known, count=known.count + finding.count)
-            return None
-        self._findings[finding.key] = finding
-        return finding
+        return self.ledger.record(finding)
 
     def _publish(self, new: list[Finding]) -> None:
-        for f in new:
-            self._notify(f)
-        self.policy.apply(new)
+        self.ledger.publish(new)
 
     def _notify(self, finding: Finding) -> None:
-        for callback in list(self.finding_callbacks):
-            with contextlib.suppress(Exception):  # a report writer must never break training
-                callback(finding)
+        self.ledger.notify(finding)
 
 
 def _tuple(value: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -568,30 +528,3 @@ def _as_list(value: Any, kind: type, arg: str) -> list[Any]:
                 f"Expected every {arg} to be a {kind.__module__}.{kind.__qualname__} but got {type(item).__name__}"
             )
     return items
-
-
-def _make_detectors(specs: Sequence[DetectorSpec] | None) -> list[Detector]:
-    from gradguard.detectors import DETECTORS, detector_class
-
-    if specs is None:
-        return [cls() for cls in DETECTORS]
-    if isinstance(specs, (str, Detector)) or (isinstance(specs, type) and issubclass(specs, Detector)):
-        specs = [specs]
-    out: list[Detector] = []
-    for spec in specs:
-        if isinstance(spec, Detector):
-            if spec.attached:
-                raise ConfigurationError(f"Expected a detached detector but {spec.code} is attached to a Guard")
-            out.append(spec)
-        elif isinstance(spec, type) and issubclass(spec, Detector):
-            out.append(spec())
-        elif isinstance(spec, str):
-            out.append(detector_class(spec)())
-        else:
-            raise ConfigurationError(
-                f"Expected detectors to hold codes, names, Detector classes or instances but got {spec!r}"
-            )
-    codes = [d.code for d in out]
-    if len(set(codes)) != len(codes):
-        raise ConfigurationError(f"Expected each detector once but got {codes}")
-    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from gradguard.detector import Detector
 from gradguard.detectors.accumulation_batchnorm import AccumulationBatchNorm
 from gradguard.detectors.frozen_norm_stats import FrozenNormStats
@@ -29,9 +31,13 @@ DETECTORS: tuple[type[Detector], ...] = (
     AccumulationBatchNorm,
 )
 
+#: What ``Guard(detectors=...)`` takes for one detector: a code or name, a class or an instance.
+DetectorSpec = str | type[Detector] | Detector
+
 __all__ = [
     "DETECTORS",
     "AccumulationBatchNorm",
+    "DetectorSpec",
     "FrozenNormStats",
     "FrozenParamUpdated",
     "GraphRetained",
@@ -42,6 +48,7 @@ __all__ = [
     "ParamWithoutGrad",
     "RequiresGradTypo",
     "detector_class",
+    "make_detectors",
 ]
 
 
@@ -59,3 +66,29 @@ def detector_class(code_or_name: str) -> type[Detector]:
         raise ConfigurationError(f"Rule {code} {RULES[code]} has no detector in this version of gradguard")
     known = ", ".join(f"{c.code} ({c.name})" for c in DETECTORS)
     raise ConfigurationError(f"Expected a detector code or name among {known} but got {code_or_name!r}")
+
+
+def make_detectors(specs: Sequence[DetectorSpec] | None) -> list[Detector]:
+    """Detector instances from what ``Guard(detectors=...)`` accepts (all registered ones for ``None``)."""
+    if specs is None:
+        return [cls() for cls in DETECTORS]
+    if isinstance(specs, (str, Detector)) or (isinstance(specs, type) and issubclass(specs, Detector)):
+        specs = [specs]
+    out: list[Detector] = []
+    for spec in specs:
+        if isinstance(spec, Detector):
+            if spec.attached:
+                raise ConfigurationError(f"Expected a detached detector but {spec.code} is attached to a Guard")
+            out.append(spec)
+        elif isinstance(spec, type) and issubclass(spec, Detector):
+            out.append(spec())
+        elif isinstance(spec, str):
+            out.append(detector_class(spec)())
+        else:
+            raise ConfigurationError(
+                f"Expected detectors to hold codes, names, Detector classes or instances but got {spec!r}"
+            )
+    codes = [d.code for d in out]
+    if len(set(codes)) != len(codes):
+        raise ConfigurationError(f"Expected each detector once but got {codes}")
+    return out

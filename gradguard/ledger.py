@@ -1,0 +1,101 @@
+"""The findings of a guard: merged by code and place, immutable, and what each new one does.
+
+Example:
+    >>> from gradguard.findings import Finding, Severity
+    >>> from gradguard.policy import Policy
+    >>> ledger = Ledger(Policy("collect"))
+    >>> f = Finding("GG101", "missing-zero-grad", Severity.WARNING, "applied twice", where="opt")
+    >>> ledger.record(f) is f, ledger.record(f), ledger.findings[0].count
+    (True, None, 2)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from gradguard.errors import ConfigurationError
+from gradguard.findings import Finding, Severity
+from gradguard.introspect.frames import user_location
+from gradguard.policy import Policy
+
+_REVISABLE = frozenset({"severity", "message", "hint", "data"})
+
+
+class Ledger:
+    """Findings in the order first seen; a finding seen again, or revised, is a new object."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._findings: dict[tuple[Any, ...], Finding] = {}
+        self.callbacks: list[Callable[[Finding], None]] = []
+
+    @property
+    def findings(self) -> list[Finding]:
+        return list(self._findings.values())
+
+    def record(self, finding: Finding) -> Finding | None:
+        """Merge into the findings; return the finding if it is new."""
+        known = self._findings.get(finding.key)
+        if known is not None:
+            self._findings[finding.key] = dataclasses.replace(known, count=known.count + finding.count)
+            return None
+        self._findings[finding.key] = finding
+        return finding
+
+    def restore(self, finding: Finding) -> None:
+        """A finding from a checkpoint: kept unless the same one is already known."""
+        self._findings.setdefault(finding.key, finding)
+
+    def revise(self, finding: Finding, **changes: Any) -> Finding:
+        """Replace a published finding by a revised one, keeping its place, first step and count."""
+        known = self._findings.get(finding.key)
+        if known is None:
+            raise ConfigurationError(f"Expected a finding of this guard but got {finding}")
+        if not set(changes) <= _REVISABLE:
+            raise ConfigurationError(f"Expected changes among {sorted(_REVISABLE)} but got {sorted(changes)}")
+        revised = dataclasses.replace(known, **changes)
+        self._findings[finding.key] = revised
+        self.notify(revised)
+        return revised
+
+    def publish(self, new: list[Finding]) -> None:
+        """Tell the callbacks, then apply the policy (warn or raise) to findings seen for the first time."""
+        for f in new:
+            self.notify(f)
+        self.policy.apply(new)
+
+    def notify(self, finding: Finding) -> None:
+        for callback in list(self.callbacks):
+            with contextlib.suppress(Exception):  # a report writer must never break training
+                callback(finding)
+
+    def internal_error(self, what: str, exc: BaseException, code: str | None, step: int) -> list[Finding]:
+        """``GG000``: gradguard's own failure, reported once, never raised."""
+        if not self.policy.enabled("GG000"):
+            return []
+        kind = "detector" if code is not None else "gradguard's"
+        finding = Finding(
+            code="GG000",
+            name="internal-error",
+            severity=Severity.WARNING,
+            message=(
+                f"{kind} {what} failed with {type(exc).__name__}: {exc}; "
+                "it is disabled for the rest of the run, and training goes on"
+            ),
+            hint="Report this to gradguard with the traceback in data; ignore the rule meanwhile",
+            location=user_location(),
+            where=what,
+            step=step,
+            data={
+                "detector": code,
+                "component": what,
+                "exception": f"{type(exc).__name__}: {exc}",
+                "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            },
+        )
+        recorded = self.record(finding)
+        return [recorded] if recorded is not None else []
