@@ -105,7 +105,7 @@ class Guard:
         self.json_path = os.fspath(json_path) if json_path is not None else None
         self.global_hooks = bool(global_hooks)
         self.budget = Budget.of(budget)
-        self.run = Run(self.budget, self.global_hooks)
+        self.run = Run(self.budget)
         self._detectors: list[Detector] = [d for d in make_detectors(detectors) if self.policy.enabled(d.code)]
         self._targets: list[weakref.ref[torch.nn.Module]] = []  # what the user calls, wrappers included
         self._model_ids: set[int] = set()

@@ -48,11 +48,9 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 class Run:
     """What detectors may know of the run. They read it; only the guard writes it."""
 
-    def __init__(self, budget: Budget, global_hooks: bool = False) -> None:
+    def __init__(self, budget: Budget) -> None:
         self.budget = budget
         self.schedule = Schedule(budget)
-        #: whether every module and optimizer of the process is watched (``gradguard run``)
-        self.global_hooks = global_hooks
         self._step = 0
         self._iteration = 0
         self._backwards = 0
@@ -112,6 +110,8 @@ class Run:
                         self._names[id(p)] = (weakref.ref(p), name)
             self._params = params
             self._module_ids = modules
+            if len(self._names) > 2 * len(params) + 1024:  # forget parameters that are gone
+                self._names = {k: v for k, v in self._names.items() if v[0]() is not None}
         return self._params
 
     def param_name(self, param: torch.Tensor) -> str:

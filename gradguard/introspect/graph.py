@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -57,9 +59,6 @@ def graph_tensors(value: Any, depth: int, edge_items: int = 4) -> Iterator[torch
 
 
 def _edges(value: Any, n: int) -> list[Any]:
-    import itertools
-    from collections import deque
-
     if isinstance(value, (list, tuple)):
         return list(value) if len(value) <= 2 * n else [*value[:n], *value[-n:]]
     if isinstance(value, dict):

@@ -78,12 +78,6 @@ class Sites:
                 return lines[-1]
         return None
 
-    def extend(self, other: Sites) -> None:
-        self.augmented += other.augmented
-        self.plain += other.plain
-        self.created += other.created
-        self.mutated += other.mutated
-
 
 # --------------------------------------------------------------------------- parsing
 _TREES: dict[str, tuple[int, ast.Module | None]] = {}
