@@ -23,25 +23,32 @@ if TYPE_CHECKING:
     from gradguard.events import Event
 
 
+_WRAPPERS = {"DistributedDataParallel": "module", "DataParallel": "module"}
+
+
+def wrapped_name(module: torch.nn.Module) -> str:
+    """The submodule name under which a ``torch.compile`` or data-parallel wrapper keeps the module it calls."""
+    return _WRAPPERS.get(type(module).__name__, "_orig_mod")
+
+
+def inner(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The module a ``torch.compile`` or data-parallel wrapper calls, if ``module`` is one."""
+    wrapped = module._modules.get(wrapped_name(module))
+    return wrapped if isinstance(wrapped, torch.nn.Module) else None
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The user's own module inside ``torch.compile`` and data-parallel wrappers.
 
     >>> net = torch.nn.Linear(2, 2)
-    >>> unwrap(net) is net
-    True
+    >>> unwrap(net) is net, unwrap(torch.nn.DataParallel(net)) is net
+    (True, True)
     """
-    seen = 0
-    while seen < 8:
-        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if not isinstance(inner, torch.nn.Module) and type(module).__name__ in (
-            "DistributedDataParallel",
-            "DataParallel",
-        ):
-            inner = getattr(module, "module", None)
-        if not isinstance(inner, torch.nn.Module) or inner is module:
-            return module
-        module = inner
-        seen += 1
+    for _ in range(8):
+        wrapped = inner(module)
+        if wrapped is None:
+            break
+        module = wrapped
     return module
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from torch.utils.hooks import RemovableHandle
 
 from gradguard.events import Event
 
@@ -51,6 +54,44 @@ class Hub(Protocol):
 
     def source_failed(self, source: Source, exc: BaseException) -> None:
         """A source's own code raised: stop it, report GG000, let training go on."""
+
+
+class Hooks:
+    """The hooks a source put on each object, the object held weakly, removed together.
+
+    ``on_remove`` is told of each handle removed (the module source forgets its ids).
+    """
+
+    def __init__(self, on_remove: Callable[[RemovableHandle], None] | None = None) -> None:
+        self._by_id: dict[int, tuple[weakref.ref[Any], list[RemovableHandle]]] = {}
+        self._on_remove = on_remove
+
+    def __contains__(self, obj: object) -> bool:
+        known = self._by_id.get(id(obj))
+        return known is not None and known[0]() is obj
+
+    def add(self, obj: Any, handles: list[RemovableHandle]) -> None:
+        self._by_id[id(obj)] = (weakref.ref(obj), handles)
+
+    def objects(self) -> list[Any]:
+        """The live objects that carry hooks."""
+        return [obj for obj in (ref() for ref, _ in list(self._by_id.values())) if obj is not None]
+
+    def remove(self, obj: object) -> None:
+        known = self._by_id.pop(id(obj), None)
+        if known is not None:
+            self._remove(known[1])
+
+    def remove_all(self) -> None:
+        for _ref, handles in self._by_id.values():
+            self._remove(handles)
+        self._by_id.clear()
+
+    def _remove(self, handles: list[RemovableHandle]) -> None:
+        for handle in handles:
+            handle.remove()
+            if self._on_remove is not None:
+                self._on_remove(handle)
 
 
 class Source:

@@ -36,7 +36,8 @@ from torch.nn.modules import module as module_mod
 from torch.utils.hooks import RemovableHandle
 
 from gradguard.events import ForwardPost, ForwardPre
-from gradguard.sources.base import Hub, Source
+from gradguard.run import inner, wrapped_name
+from gradguard.sources.base import Hooks, Hub, Source
 from gradguard.sources.patch import Patch
 
 #: Handle ids of every gradguard hook on a user's module, across guards.
@@ -84,20 +85,6 @@ _COMPILE = Patch(torch.nn.Module, "compile", _wrap_compile)
 _is_compiling = torch.compiler.is_compiling
 
 
-_WRAPPERS = {"DistributedDataParallel": "module", "DataParallel": "module"}
-
-
-def _wrapped_name(module: torch.nn.Module) -> str:
-    """The attribute under which a ``torch.compile`` or data-parallel wrapper keeps the module it calls."""
-    return _WRAPPERS.get(type(module).__name__, "_orig_mod")
-
-
-def _inner(module: torch.nn.Module) -> torch.nn.Module | None:
-    """The module a ``torch.compile`` or data-parallel wrapper calls, if ``module`` is one."""
-    inner = module._modules.get(_wrapped_name(module))
-    return inner if isinstance(inner, torch.nn.Module) else None
-
-
 def _has_params(module: torch.nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
@@ -134,7 +121,7 @@ class ModuleSource(Source):
         self.discover = discover
         self.active = False
         self._local = threading.local()
-        self._handles: dict[int, tuple[weakref.ref[torch.nn.Module], list[RemovableHandle]]] = {}
+        self._hooks = Hooks(on_remove=lambda handle: _HOOK_IDS.discard(handle.id))
         self._roots: set[int] = set()  # hooked modules whose calls are iterations of a watched model
         self._candidates: set[int] = set()  # hooked, not yet called (discovery)
         self._children: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # known to have a parent
@@ -160,11 +147,7 @@ class ModuleSource(Source):
         for handle in self._global:
             handle.remove()
         self._global.clear()
-        for _ref, handles in self._handles.values():
-            for handle in handles:
-                handle.remove()
-                _HOOK_IDS.discard(handle.id)
-        self._handles.clear()
+        self._hooks.remove_all()
         for ref, entry in self._entries:
             module = ref()
             if module is not None and module.__dict__.get("_compiled_call_impl") is entry:
@@ -178,8 +161,7 @@ class ModuleSource(Source):
 
     def _compiled(self, module: torch.nn.Module) -> None:
         """``module.compile()`` ran: a hooked module's events now come from around its compiled call."""
-        known = self._handles.get(id(module))
-        if known is not None and known[0]() is module:
+        if module in self._hooks:
             self._wrap_compiled_call(module)
 
     def _noop(self, *args: Any) -> None:
@@ -194,13 +176,12 @@ class ModuleSource(Source):
             self._roots.add(id(module))
             self._candidates.discard(id(module))
             self._wrap_compiled_call(module)
-            module = _inner(module)
+            module = inner(module)
 
     def refresh(self) -> None:
         """Now and then: wrap roots compiled in place since, and find compiled wrappers once."""
-        for ref, _handles in list(self._handles.values()):
-            module = ref()
-            if module is not None and id(module) in self._roots:
+        for module in self._hooks.objects():
+            if id(module) in self._roots:
                 self._wrap_compiled_call(module)
         iterations = self.hub.run.iteration
         if iterations == self._iterations_seen and not self._scanned_compiled:
@@ -211,22 +192,13 @@ class ModuleSource(Source):
         self._iterations_seen = iterations
 
     def _hook(self, module: torch.nn.Module) -> None:
-        known = self._handles.get(id(module))
-        if known is not None and known[0]() is module:
+        if module in self._hooks:
             return
         pre = module.register_forward_pre_hook(self._pre, with_kwargs=True)
         post = module.register_forward_hook(self._post, with_kwargs=True, always_call=True)
         _HOOK_IDS.update((pre.id, post.id))
-        self._handles[id(module)] = (weakref.ref(module), [pre, post])
+        self._hooks.add(module, [pre, post])
         self._wrap_compiled_call(module)
-
-    def _unhook(self, module: torch.nn.Module) -> None:
-        known = self._handles.pop(id(module), None)
-        if known is None:
-            return
-        for handle in known[1]:
-            handle.remove()
-            _HOOK_IDS.discard(handle.id)
 
     def _wrap_compiled_call(self, module: torch.nn.Module) -> None:
         compiled = module.__dict__.get("_compiled_call_impl")
@@ -277,21 +249,21 @@ class ModuleSource(Source):
             return
         try:
             self.hub.module_changed(parent)
-            if id(child) in self._roots and name == _wrapped_name(parent):
+            if id(child) in self._roots and name == wrapped_name(parent):
                 self._hook(parent)  # torch.compile(model) or DDP(model) of a watched model: called instead
                 self._roots.add(id(parent))
             if self.discover:
                 self._children.add(child)
                 if id(child) in self._candidates:
                     self._candidates.discard(id(child))
-                    self._unhook(child)
+                    self._hooks.remove(child)
                 if _has_params(child):
                     self._maybe_candidate(parent)
         except Exception as exc:
             self.hub.source_failed(self, exc)
 
     def _maybe_candidate(self, module: torch.nn.Module) -> None:
-        if id(module) in self._handles or module in self._children:
+        if module in self._hooks or module in self._children:
             return
         self._hook(module)
         self._candidates.add(id(module))

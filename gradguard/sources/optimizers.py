@@ -10,7 +10,6 @@ every optimizer of the loop before it steps. An optimizer's hooks are not part o
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradguard.events import StepPost, StepPre
 from gradguard.introspect.frames import frame_variables, user_frames
-from gradguard.sources.base import Hub, Source
+from gradguard.sources.base import Hooks, Hub, Source
 
 _DISCOVER_STEPS = 2
 _is_compiling = torch.compiler.is_compiling
@@ -46,7 +45,7 @@ class OptimizerSource(Source):
     def __init__(self, hub: Hub, global_hooks: bool = False) -> None:
         super().__init__(hub)
         self.global_hooks = global_hooks
-        self._handles: dict[int, tuple[weakref.ref[torch.optim.Optimizer], list[RemovableHandle]]] = {}
+        self._hooks = Hooks()
         self._global: list[RemovableHandle] = []
         self._steps = 0
 
@@ -61,20 +60,17 @@ class OptimizerSource(Source):
         for handle in self._global:
             handle.remove()
         self._global.clear()
-        for _ref, handles in self._handles.values():
-            for handle in handles:
-                handle.remove()
-        self._handles.clear()
+        self._hooks.remove_all()
 
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
         """Hook one optimizer (with the global hooks in place, nothing to do)."""
         if self.global_hooks:
             return
-        known = self._handles.get(id(optimizer))
-        if known is not None and known[0]() is optimizer:
+        if optimizer in self._hooks:
             return
-        handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
-        self._handles[id(optimizer)] = (weakref.ref(optimizer), handles)
+        self._hooks.add(
+            optimizer, [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
+        )
 
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if _is_compiling():
