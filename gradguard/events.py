@@ -103,10 +103,38 @@ class StepPost(Event):
 
 
 @dataclasses.dataclass(frozen=True)
+class GradReset(Event):
+    """``zero_grad()`` of an optimizer or a module is about to reset its gradients.
+
+    ``owner`` is the optimizer (unwrapped from a framework's wrapper) or the module whose
+    ``zero_grad()`` was called; ``frame`` is the user's frame that called it, or ``None``.
+    """
+
+    owner: torch.optim.Optimizer | torch.nn.Module
+    frame: FrameType | None
+
+
+@dataclasses.dataclass(frozen=True)
 class StepEnd(Event):
     """A training step ended: every optimizer that steps has stepped, the counter went up."""
 
     step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class IterationEnd(Event):
+    """An iteration of the program ended, whatever the shape of its loop.
+
+    ``by`` tells what marked it: ``"step"`` (a training step ended, as :class:`StepEnd`),
+    ``"backward"`` (a ``backward()`` outside any ``optimizer.step()``, in a run whose
+    optimizers do not step: updates by hand), or ``"forward"`` (a watched model called again
+    with neither backward nor step since: evaluation or inference). ``index`` counts the
+    iterations of the run, ``step`` is the training step counter at that moment.
+    """
+
+    index: int
+    step: int
+    by: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,14 +148,32 @@ class SchedulerStep(Event):
 class NumpyAlias(Event):
     """The user's code made a tensor and a numpy array that share memory.
 
-    ``how`` is ``"torch.from_numpy"``, ``"torch.as_tensor"`` or ``"Tensor.numpy"``; ``frame``
-    is the user's frame that made the call.
+    ``how`` is ``"torch.from_numpy"``, ``"torch.as_tensor"``, ``"Tensor.numpy"`` or a legacy
+    constructor (``"torch.Tensor"``, ``"torch.FloatTensor"``..., a subclass's name); ``frame``
+    is the user's frame that made the call. ``as_tensor`` and the constructors are reported
+    for any ndarray argument: whether they copied is for the consumer to tell.
     """
 
     array: np.ndarray
     tensor: torch.Tensor
     how: str
     frame: FrameType
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributeSet(Event):
+    """The user's code set a misspelt ``requires_grad`` on a tensor: ``p.requres_grad = False``.
+
+    Watched are the near misses of ``requires_grad`` that the program's own files assign,
+    from the moment a file that assigns one is first seen. ``frame`` is the user's frame that
+    made the assignment, or ``None`` for an attribute set before its name was watched (found
+    then on the watched parameters).
+    """
+
+    tensor: torch.Tensor
+    name: str
+    value: Any
+    frame: FrameType | None
 
 
 # --------------------------------------------------------------------------- integrations
@@ -175,9 +221,12 @@ def provided() -> tuple[type[Event], ...]:
         BackwardPost,
         StepPre,
         StepPost,
+        GradReset,
         StepEnd,
+        IterationEnd,
         SchedulerStep,
         NumpyAlias,
+        AttributeSet,
         EpochStart,
         EpochEnd,
         AccumulatorWindow,

@@ -22,6 +22,7 @@ from gradguard.events import (
     Event,
     ForwardPost,
     ForwardPre,
+    IterationEnd,
     ModelAdded,
     OptimizerAdded,
     StepEnd,
@@ -38,7 +39,9 @@ from gradguard.schedule import Table
 from gradguard.sources import SOURCES, ModuleSource, OptimizerSource, Source
 
 _ACTIVE: weakref.WeakSet[Guard] = weakref.WeakSet()
-_REFRESH_EVERY = 8  # steps between the sources' looks for what no hook reports (after the warm-up)
+_REFRESH_EVERY = 8  # iterations between the sources' looks for what no hook reports (after the warm-up)
+_EVAL_STREAK = 8  # root forwards with no backward or step between them that make an evaluation loop
+_STEPLESS = 64  # backward() calls with no optimizer step that make a run of hand-written updates
 
 
 def active_guards() -> list[Guard]:
@@ -115,6 +118,10 @@ class Guard:
         self._modules: ModuleSource | None = None
         self._optimizer_source: OptimizerSource | None = None
         self._step_base = 0  # steps restored from a checkpoint
+        self._in_step = False  # inside an optimizer's step() (an LBFGS closure's backward is part of it)
+        self._quiet = 0  # root forwards since the last backward() or step()
+        self._called: set[int] = set()  # root modules called since the last iteration boundary
+        self._stepless = 0  # backward() calls since the last optimizer step
         self._attached = False
         self._closed = False
         self._started = 0.0
@@ -262,6 +269,8 @@ class Guard:
         self.run._add_optimizer(optimizer)
         if self._optimizer_source is not None:
             self._optimizer_source.watch(optimizer)
+        if self._modules is not None and self.global_hooks:
+            self._modules.adopt(optimizer)
         if self._attached:
             self._timed(OptimizerAdded(optimizer))
 
@@ -325,6 +334,11 @@ class Guard:
     # ------------------------------------------------------------------ the sources' side
     def forward_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         start = time.perf_counter()
+        if self._quiet >= _EVAL_STREAK and id(module) in self._called:
+            self._called.clear()
+            self._tick("forward")  # evaluation: a model called again, no backward or step since
+        self._quiet += 1
+        self._called.add(id(module))
         self.run._iteration += 1
         if ForwardPre in self._handlers:
             self.emit(ForwardPre(unwrap(module), args, kwargs))
@@ -343,36 +357,43 @@ class Guard:
         event_type = BackwardPost if post else BackwardPre
         if event_type in self._handlers:
             self.emit(event_type(tensors))
+        if post:
+            self._quiet = 0
+            self._called.clear()
+            self._stepless += 1
+            if not self._in_step and (self.run._step == 0 or self._stepless > _STEPLESS):
+                self._tick("backward")  # no optimizer steps: each backward() is an iteration
         self.overhead_s += time.perf_counter() - start
 
     def step_pre(self, optimizer: torch.optim.Optimizer) -> None:
+        self._in_step = True
         if StepPre in self._handlers:
             self._timed(StepPre(optimizer))
 
     def step_post(self, optimizer: torch.optim.Optimizer) -> None:
         start = time.perf_counter()
         run = self.run
+        self._in_step = False
+        self._quiet = self._stepless = 0
+        self._called.clear()
         count = run._optimizer_steps.get(id(optimizer), 0) + 1
         run._optimizer_steps[id(optimizer)] = count
         if StepPost in self._handlers:
             self.emit(StepPost(optimizer))
         if self._step_base + count > run._step:
             run._step = self._step_base + count
-            if run._step <= self.budget.warmup or run._step % _REFRESH_EVERY == 0:
-                for source in list(self._sources):
-                    try:
-                        source.refresh()
-                    except Exception as exc:
-                        self.source_failed(source, exc)
             if StepEnd in self._handlers:
                 self.emit(StepEnd(run._step))
-            self._refresh_handlers()  # the next step's
+            self._tick("step")
         self.overhead_s += time.perf_counter() - start
 
     def module_changed(self, module: torch.nn.Module) -> None:
         run = self.run
         if run._params is not None and run.owns(module):
             run._changed()
+
+    def module_replacing(self, module: torch.nn.Module, name: str, old: torch.nn.Module | torch.Tensor) -> None:
+        self.run._replacing(module, name, old)
 
     def source_failed(self, source: Source, exc: BaseException) -> None:
         with contextlib.suppress(Exception):
@@ -424,6 +445,7 @@ class Guard:
             "version": 1,
             "step": self.step,
             "iteration": self.iteration,
+            "clock": self.run.clock,
             "findings": [f.to_dict() for f in self.findings],
             "detectors": {d.code: d.state_dict() for d in self._detectors},
         }
@@ -436,6 +458,7 @@ class Guard:
         run._step = int(state.get("step", 0))
         self._step_base = run._step - max(run._optimizer_steps.values(), default=0)
         run._iteration = int(state.get("iteration", 0))
+        run._clock = int(state.get("clock", run._step))
         for data in state.get("findings", []):
             f = Finding.from_dict(data)
             self.ledger.restore(f)
@@ -470,8 +493,23 @@ class Guard:
         self.emit(event)
         self.overhead_s += time.perf_counter() - start
 
+    def _tick(self, by: str) -> None:
+        """An iteration ended: the sources' periodic look, ``IterationEnd``, the next iteration's handlers."""
+        run = self.run
+        run._clock += 1
+        if run._clock <= self.budget.warmup or run._clock % _REFRESH_EVERY == 0:
+            for source in list(self._sources):
+                try:
+                    source.refresh()
+                except Exception as exc:
+                    self.source_failed(source, exc)
+        if IterationEnd in self._handlers:
+            self.emit(IterationEnd(run._clock, run._step, by))
+        self._refresh_handlers()  # the next iteration's
+
     def _refresh_handlers(self) -> None:
-        self._handlers = self.run.schedule.table(self.run._step + 1)
+        run = self.run
+        self._handlers = run.schedule.table((run._step or run._clock) + 1)
 
     def _deliver(self, event: Event) -> list[Finding]:
         listeners = self._handlers.get(event.__class__)

@@ -61,12 +61,16 @@ class Run:
         self._step = 0
         self._iteration = 0
         self._backwards = 0
+        self._clock = 0
         self._models: list[weakref.ref[torch.nn.Module]] = []
         self._optimizers: list[weakref.ref[torch.optim.Optimizer]] = []
         self._optimizer_steps: dict[int, int] = {}
         self._names: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
         self._params: list[tuple[str, torch.nn.Parameter]] | None = None
+        self._param_ids: set[int] = set()
         self._module_ids: set[int] = set()
+        #: tensors of a layer replaced in some module: (tensor, that module, name under it), named when found in a model
+        self._left: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.nn.Module], str]] = {}
         self._owners: dict[int, weakref.ref[torch.optim.Optimizer]] = {}
         self._owners_key: tuple[int, ...] = ()
         self._owners_stamp: tuple[int, int, int] = (-1, -1, -1)
@@ -82,6 +86,11 @@ class Run:
     def iteration(self) -> int:
         """Calls of a root model's forward so far."""
         return self._iteration
+
+    @property
+    def clock(self) -> int:
+        """Iterations ended so far, however the loop marks them (see :class:`~gradguard.events.IterationEnd`)."""
+        return self._clock
 
     @property
     def backwards(self) -> int:
@@ -107,16 +116,22 @@ class Run:
             seen: set[int] = set()
             params: list[tuple[str, torch.nn.Parameter]] = []
             modules: set[int] = set()
+            paths: dict[int, str] = {}
             for model in self.models():
-                for module in model.modules():
+                for path, module in model.named_modules():
                     modules.add(id(module))
+                    if self._left:
+                        paths.setdefault(id(module), path)
                 for name, p in model.named_parameters(remove_duplicate=True):
                     if id(p) not in seen:
                         seen.add(id(p))
                         params.append((name, p))
                         self._names[id(p)] = (weakref.ref(p), name)
             self._params = params
+            self._param_ids = seen
             self._module_ids = modules
+            if self._left:
+                self._name_left(paths)
             if len(self._names) > 2 * len(params) + 1024:  # forget parameters that are gone
                 self._names = {k: v for k, v in self._names.items() if v[0]() is not None}
         return self._params
@@ -134,6 +149,20 @@ class Run:
                     if p is param:
                         return f"{type(opt).__name__}.param_groups[{gi}]['params'][{pi}]"
         return f"<tensor {tuple(param.shape)}>"
+
+    def replaced(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` was a parameter of a watched model and is in none now (its layer was replaced).
+
+        Known for a layer replaced while a guard is attached (its tensors are named just
+        before); :meth:`param_name` gives the old name. A tensor replaced before is only
+        outside the models.
+        """
+        if self._params is None:
+            self.named_parameters()
+        if id(param) in self._param_ids:
+            return False
+        known = self._names.get(id(param))
+        return known is not None and known[0]() is param
 
     def owner(self, param: torch.Tensor) -> torch.optim.Optimizer | None:
         """The watched optimizer whose param groups hold ``param`` (by identity), if any."""
@@ -164,12 +193,37 @@ class Run:
 
     # ------------------------------------------------------------------ written by the guard
     def _add_model(self, module: torch.nn.Module) -> None:
-        self._models.append(weakref.ref(module))
+        self._models.append(weakref.ref(module, self._changed))  # a model freed: its parameters are let go
         self._changed()
 
     def _add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizers.append(weakref.ref(optimizer))
         self._changed()
+
+    def _replacing(self, module: torch.nn.Module, name: str, old: torch.nn.Module | torch.Tensor) -> None:
+        """``module.<name>`` is about to be replaced: keep the names of the tensors it held until now."""
+        if isinstance(old, torch.nn.Module):
+            held: list[tuple[str, torch.Tensor]] = [(f"{name}.{sub}", p) for sub, p in old.named_parameters()]
+        else:
+            held = [(name, old)]
+        owner = weakref.ref(module)
+        for sub, p in held:
+            self._left[id(p)] = (weakref.ref(p), owner, sub)
+        if len(self._left) > 4096:  # forget tensors and modules that are gone
+            self._left = {k: v for k, v in self._left.items() if v[0]() is not None and v[1]() is not None}
+
+    def _name_left(self, paths: dict[int, str]) -> None:
+        """Name the tensors of replaced layers by the path of the module that held them, once it is in a model."""
+        for key, (ref, owner, sub) in list(self._left.items()):
+            param, module = ref(), owner()
+            if param is None or module is None:
+                del self._left[key]
+            elif id(module) in paths:
+                del self._left[key]
+                known = self._names.get(key)
+                if known is None or known[0]() is not param:
+                    path = paths[id(module)]
+                    self._names[key] = (ref, f"{path}.{sub}" if path else sub)
 
     def _changed(self, *_: Any) -> None:
         """Models or their parameters changed: derived caches are rebuilt when next read."""
@@ -181,6 +235,8 @@ class Run:
         self._models.clear()
         self._optimizers.clear()
         self._params = None
+        self._param_ids = set()
         self._module_ids = set()
+        self._left.clear()
         self._owners.clear()
         self._owners_key = ()

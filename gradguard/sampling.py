@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from gradguard.errors import ConfigurationError
 
@@ -116,7 +116,7 @@ class Rotation:
         self._phase = -1
         self._group_turn = 0
         self._cursors: dict[int, int] = {}
-        self._last: tuple[int, int, list[tuple[int, Any]]] | None = None
+        self._last: tuple[int, int, list[tuple[int, int]]] | None = None
 
     def select(self, groups: Sequence[Sequence[T]], tick: int) -> list[T]:
         """The items to check at ``tick`` (the same list for the same tick and groups)."""
@@ -130,7 +130,7 @@ class Rotation:
         phase = (tick - budget.warmup - 1) // self.dwell
         key = sum(len(g) for g in groups) * 1_000_003 + len(groups)
         if self._last is not None and self._last[0] == phase and self._last[1] == key:
-            return list(self._last[2])
+            return [(gi, groups[gi][j]) for gi, j in self._last[2]]
         advance = phase != self._phase
         self._phase = phase
         indices: list[int] | range = range(len(groups))
@@ -139,26 +139,22 @@ class Rotation:
             indices = [(start + i) % len(groups) for i in range(budget.max_groups)]
             if advance:
                 self._group_turn = start + budget.max_groups
-        out: list[tuple[int, T]] = []
+        chosen: list[tuple[int, int]] = []  # (group, index): the sample, kept without holding its items
         k = budget.per_group
         for gi in indices:
-            group = groups[gi]
-            n = len(group)
+            n = len(groups[gi])
             if n <= k:
-                out.extend((gi, item) for item in group)
+                chosen.extend((gi, j) for j in range(n))
                 continue
-            gid = id(group)
+            gid = id(groups[gi])
             cursor = self._cursors.get(gid, 0) % n
-            end = cursor + k
-            out.extend((gi, item) for item in group[cursor:end])
-            if end > n:
-                out.extend((gi, item) for item in group[: end - n])
+            chosen.extend((gi, (cursor + i) % n) for i in range(k))
             if advance:
-                self._cursors[gid] = end % n
+                self._cursors[gid] = (cursor + k) % n
         if len(self._cursors) > 4096:
             self._cursors.clear()
-        self._last = (phase, key, list(out))
-        return out
+        self._last = (phase, key, chosen)
+        return [(gi, groups[gi][j]) for gi, j in chosen]
 
 
 def _int_at_least(value: object, low: int) -> bool:

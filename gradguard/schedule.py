@@ -33,7 +33,17 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gradguard.events import BackwardPost, BackwardPre, Event, ForwardPost, ForwardPre, StepEnd, StepPost, StepPre
+from gradguard.events import (
+    BackwardPost,
+    BackwardPre,
+    Event,
+    ForwardPost,
+    ForwardPre,
+    IterationEnd,
+    StepEnd,
+    StepPost,
+    StepPre,
+)
 from gradguard.sampling import Budget
 
 if TYPE_CHECKING:
@@ -41,7 +51,7 @@ if TYPE_CHECKING:
 
 #: The events that belong to one training step: delivered only on a detector's duty steps.
 PER_STEP: frozenset[type[Event]] = frozenset(
-    {ForwardPre, ForwardPost, BackwardPre, BackwardPost, StepPre, StepPost, StepEnd}
+    {ForwardPre, ForwardPost, BackwardPre, BackwardPost, StepPre, StepPost, StepEnd, IterationEnd}
 )
 
 Handler = tuple["Detector", Callable[[Any], Any]]

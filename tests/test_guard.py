@@ -200,7 +200,7 @@ def test_findings_with_the_same_code_and_place_are_merged():
 
 
 def test_select_and_ignore_choose_the_detectors():
-    assert [d.code for d in Guard(select="GG1").detectors] == ["GG101"]
+    assert [d.code for d in Guard(select="GG1").detectors] == ["GG101", "GG102"]
     assert Guard(ignore="missing-zero-grad").detector("GG101") is None
     assert [d.code for d in Guard().detectors] == [d.code for d in DETECTORS]
 
@@ -245,3 +245,66 @@ def test_reading_a_frames_variables_never_empties_a_locals_dict_the_user_holds()
     hparams, seen, lr = user()
     assert seen["lr"] == lr
     assert hparams["lr"] == lr  # refreshed by the read, and not emptied afterwards
+
+
+def test_a_model_freed_while_the_guard_is_attached_is_collected():
+    refs = []
+
+    def train_once():
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        refs.extend(weakref.ref(obj) for obj in (model, model[0].weight, opt))
+        for _ in range(6):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+
+    guard = gradguard.Guard(global_hooks=True, policy="collect").attach()
+    try:
+        train_once()
+        gc.collect()
+        assert [ref() is None for ref in refs] == [True, True, True]
+    finally:
+        guard.detach()
+
+
+def test_a_resumed_run_warns_again_once_about_a_mistake_still_there():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+
+    def train(steps):
+        for _ in range(steps):
+            model(x).pow(2).mean().backward()  # no zero_grad(): GG101 at each step
+            opt.step()
+
+    with Guard(model, opt, detectors=["GG101"], policy="collect") as first:
+        train(4)
+    checkpoint = first.state_dict()
+    resumed = Guard(model, opt, detectors=["GG101"], policy="warn")
+    resumed.load_state_dict(checkpoint)
+    with pytest.warns(gradguard.FindingWarning, match="GG101") as warned, resumed:
+        train(4)
+    assert len([w for w in warned if "GG101" in str(w.message)]) == 1  # once, not at every step
+    (finding,) = resumed.findings
+    assert finding.count == 2 * first.findings[0].count  # as often as in the first run
+
+
+def test_a_restored_finding_that_does_not_happen_again_stays_silent():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+    with Guard(model, opt, detectors=["GG101"], policy="collect") as first:
+        for _ in range(3):
+            model(x).pow(2).mean().backward()
+            opt.step()
+    resumed = Guard(model, opt, detectors=["GG101"], policy="raise")
+    resumed.load_state_dict(first.state_dict())
+    with resumed:
+        for _ in range(3):
+            opt.zero_grad()  # fixed
+            model(x).pow(2).mean().backward()
+            opt.step()
+    assert [f.count for f in resumed.findings] == [first.findings[0].count]

@@ -147,7 +147,8 @@ def test_lightning_callback_reaches_the_same_page(tmp_path):
     callback = GradGuardCallback(policy="collect")
     model = nn.Linear(4, 1)
     with gradguard.Guard(model, detectors=[MemoryGrowth], policy="collect") as guard:
-        model(torch.ones(2, 4))
+        for _ in range(12):  # an evaluation loop: model calls are its iterations
+            model(torch.ones(2, 4))
     callback.guard = guard  # as its setup() leaves it after a run
     callback.write_html(tmp_path / "lightning.html")
     assert "<h2>Memory per step</h2>" in (tmp_path / "lightning.html").read_text()

@@ -8,7 +8,7 @@ from typing import Any
 from gradguard import memory as mem
 from gradguard.detector import Detector, Findings, on
 from gradguard.errors import ConfigurationError
-from gradguard.events import Close, EpochStart, ForwardPre, StepEnd
+from gradguard.events import Close, EpochStart, IterationEnd
 from gradguard.findings import Finding, Revision
 from gradguard.introspect.frames import user_frames, user_location
 from gradguard.introspect.naming import Namer
@@ -77,7 +77,7 @@ class MemoryGrowth(Detector):
     code = "GG301"
     name = "memory-growth"
     hint = "Stop keeping a tensor every step: store .item() or .detach() values, bound the container, or clear it"
-    consumes = (ForwardPre, StepEnd, EpochStart, Close)
+    consumes = (IterationEnd, EpochStart, Close)
     state_fields = ("flagged", "trends")
 
     def __init__(
@@ -124,19 +124,16 @@ class MemoryGrowth(Detector):
         self._rec.drop_windows()
 
     # ---------------------------------------------------------------- events
-    @on(ForwardPre)
-    def _forward(self, event: ForwardPre) -> Findings:
-        if self._clock == "step" or self.run.step > 0:
-            return None
-        return self._tick(self.run.iteration)
-
-    @on(StepEnd)
-    def _step(self, event: StepEnd) -> Findings:
+    @on(IterationEnd)
+    def _iteration(self, event: IterationEnd) -> Findings:
+        if event.by != "step":  # no optimizer steps (yet): the program's iterations are the clock
+            if self._clock == "step" or event.step > 0:
+                return None
+            return self._tick(event.index)
         if self._clock != "step":
             if self.flagged:
-                return None  # the evaluation series already told its story; keep it whole
+                return None  # the series without steps already told its story; keep it whole
             self._clock = "step"
-            self.listen(ForwardPre, False)
             self._rec.restart()
             self._watch.close()
         return self._tick(event.step)

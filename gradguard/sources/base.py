@@ -52,6 +52,9 @@ class Hub(Protocol):
     def module_changed(self, module: torch.nn.Module) -> None:
         """A module got a parameter or a submodule: derived caches may be stale."""
 
+    def module_replacing(self, module: torch.nn.Module, name: str, old: torch.nn.Module | torch.Tensor) -> None:
+        """``module.<name>``, a submodule or parameter, is about to be replaced by another."""
+
     def source_failed(self, source: Source, exc: BaseException) -> None:
         """A source's own code raised: stop it, report GG000, let training go on."""
 

@@ -89,6 +89,15 @@ def _has_params(module: torch.nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
+def _first_params(module: torch.nn.Module, n: int = 4) -> list[torch.nn.Parameter]:
+    params = []
+    for p in module.parameters():
+        params.append(p)
+        if len(params) == n:
+            break
+    return params
+
+
 class _EagerEntry:
     """Stands in for the compiled call of a ``model.compile()``-d root, to fire its events eagerly."""
 
@@ -178,6 +187,21 @@ class ModuleSource(Source):
             self._wrap_compiled_call(module)
             module = inner(module)
 
+    def adopt(self, optimizer: torch.optim.Optimizer) -> None:
+        """Watch the roots whose parameters ``optimizer`` trains, called or not.
+
+        A ``LightningModule`` whose ``training_step`` calls ``self.net(x)`` never runs its own
+        forward, and ``self.net`` has a parent, so no call shows the root; the optimizer does.
+        """
+        if not self._candidates:
+            return
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for module in self._hooks.objects():
+            if id(module) in self._candidates and any(id(p) in trained for p in _first_params(module)):
+                self._candidates.discard(id(module))
+                self._roots.add(id(module))
+                self.hub.add_model(module)
+
     def refresh(self) -> None:
         """Now and then: wrap roots compiled in place since, and find compiled wrappers once."""
         for module in self._hooks.objects():
@@ -238,6 +262,9 @@ class ModuleSource(Source):
     # ------------------------------------------------------------------ registration
     def _on_param(self, module: torch.nn.Module, name: str, param: Any) -> None:
         try:
+            old = module._parameters.get(name)
+            if old is not None and old is not param:
+                self.hub.module_replacing(module, name, old)  # called before the new one is set
             self.hub.module_changed(module)
             if self.discover and param is not None:
                 self._maybe_candidate(module)
@@ -245,9 +272,12 @@ class ModuleSource(Source):
             self.hub.source_failed(self, exc)
 
     def _on_child(self, parent: torch.nn.Module, name: str, child: Any) -> None:
-        if not isinstance(child, torch.nn.Module):
-            return
         try:
+            old = parent._modules.get(name)
+            if old is not None and old is not child:
+                self.hub.module_replacing(parent, name, old)  # called before the new one is set
+            if not isinstance(child, torch.nn.Module):
+                return
             self.hub.module_changed(parent)
             if id(child) in self._roots and name == wrapped_name(parent):
                 self._hook(parent)  # torch.compile(model) or DDP(model) of a watched model: called instead
