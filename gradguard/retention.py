@@ -109,11 +109,22 @@ def held_places(
     reaches, or ``None``.
     """
     places: list[Place] = []
+    by_object: dict[int, int] = {}  # a container passed down to a helper: one place, where it is filled
     for frame in frames:
         for name, value in frame_variables(frame):
             if isinstance(value, HOLDERS):
+                if name.startswith("__"):
+                    continue
+                known = by_object.get(id(value))
+                if known is not None:
+                    if _fills(frame, name) and not _fills(places[known].frame, places[known].where):
+                        places[known] = Place(frame_key(frame, name), name, kind(value), places[known].span)
+                        places[known].seen_in(frame)
+                    continue
                 found = span(value)
-                if found is not None and not name.startswith("__"):
+                if found is not None:
+                    if not isinstance(value, torch.Tensor):
+                        by_object[id(value)] = len(places)
                     places.append(Place(frame_key(frame, name), name, kind(value), found))
                     places[-1].seen_in(frame)
             elif name == "self" and not isinstance(value, torch.nn.Module):
@@ -136,24 +147,20 @@ def held_places(
     return places
 
 
-def inputs_history(
-    inputs: list[Any], token: int, limit: int, now: int, iterations: bool
-) -> tuple[tuple[int, int], list[tuple[Any, Span]]]:
-    """What a call's inputs bring in: the oldest (round, group) behind them, and those carried from
-    an earlier epoch (a state fed back without ``detach()``) with the span they carry."""
-    origin_round = origin_group = 1 << 62  # nothing older behind them
-    carried: list[tuple[Any, Span]] = []
+def _fills(frame: FrameType | None, name: str) -> bool:
+    """Whether the function of ``frame`` adds to its variable ``name`` (``name.append(...)``, ...)."""
+    return frame is not None and bool(sites.variable_sites(frame.f_code, name).mutated)
+
+
+def inputs_history(inputs: list[Any], token: int, limit: int, floor: int = 0) -> list[tuple[Any, Span, Span]]:
+    """The inputs of a call that bring stamped graphs into it, with the rounds and the groups they reach."""
+    found: list[tuple[Any, Span, Span]] = []
     for value in inputs:
         roots = [t.grad_fn for t in graph_tensors(value, depth=2) if t.grad_fn is not None]
-        found = spans(roots, token, limit) if roots else None
-        if found is None:
-            continue
-        rounds, groups = found
-        origin_round, origin_group = min(origin_round, rounds.lo), min(origin_group, groups.lo)
-        span = groups if iterations else rounds
-        if span.lo < now:
-            carried.append((value, Span(span.lo, now, span.first, carried=True)))
-    return (origin_round, origin_group), carried
+        spanned = spans(roots, token, limit, floor=floor) if roots else None
+        if spanned is not None:
+            found.append((value, *spanned))
+    return found
 
 
 def carried_places(frame: FrameType | None, module_type: type, carried: list[tuple[Any, Span]]) -> list[Place]:
@@ -179,11 +186,53 @@ def stamp(outputs: Iterable[torch.Tensor], value: Stamp) -> None:
         node.metadata[KEY] = value
 
 
-def spans(roots: list[Any], token: int, limit: int, budget: list[int] | None = None) -> tuple[Span, Span] | None:
+def stamp_new(roots: list[Any], token: int, value: Stamp, limit: int = 8) -> None:
+    """Stamp the top of a graph given to ``backward()``: the roots and the nodes just below them.
+
+    A framework may scale the user's loss before its backward (``loss / accumulate``): the
+    loss the user keeps is then a node below the root. The walk stops at nodes that already
+    carry a stamp of ``token``, and at two levels below the roots.
+    """
+    level = [r for r in roots if r is not None]
+    seen: set[int] = set()
+    for _ in range(3):
+        below: list[Any] = []
+        for node in level:
+            if id(node) in seen or len(seen) >= limit or type(node).__name__ == "AccumulateGrad":
+                continue
+            seen.add(id(node))
+            mark = node.metadata.get(KEY)
+            if mark is not None and mark[0] == token:
+                continue
+            node.metadata[KEY] = value
+            below.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+        level = below
+
+
+def reaches_before(roots: list[Any], token: int, group: int, limit: int) -> bool:
+    """Whether a bounded walk from ``roots`` meets the graph of a group before ``group``."""
+    found = False
+
+    def descend(node: Any) -> bool:
+        nonlocal found
+        mark = node.metadata.get(KEY)
+        if mark is not None and mark[0] == token:
+            found = found or mark[4] < group
+            return False
+        return not found and type(node).__name__ != "AccumulateGrad"
+
+    walk(roots, limit, descend)
+    return found
+
+
+def spans(
+    roots: list[Any], token: int, limit: int, budget: list[int] | None = None, floor: int = 0
+) -> tuple[Span, Span] | None:
     """The rounds and the groups whose stamps a bounded walk from ``roots`` meets.
 
     The walk stops at a stamped node (its origin sums up the history behind it) and at
-    parameters. ``budget[0]`` is reduced by the nodes walked.
+    parameters. ``budget[0]`` is reduced by the nodes walked. Rounds before ``floor`` count
+    as ``floor``.
     """
     found: dict[int, Stamp] = {}
 
@@ -200,6 +249,7 @@ def spans(roots: list[Any], token: int, limit: int, budget: list[int] | None = N
     rounds: Span | None = None
     groups: Span | None = None
     for _, rnd, grp, origin_round, origin_group in found.values():
+        rnd, origin_round = max(rnd, floor), max(origin_round, floor)
         r = Span(origin_round, rnd, rnd, carried=origin_round < rnd)
         g = Span(origin_group, grp, grp, carried=origin_group < grp)
         if rounds is None or groups is None:
@@ -251,9 +301,12 @@ def locate(place: Place, frames: list[FrameType]) -> Location | None:
     return code_location(code, found.best(container=place.kind in ("list", "dict", "deque")) or place.frame.f_lineno)
 
 
-def describe(place: Place, iterations: bool) -> tuple[str, str, dict[str, Any]]:
-    """A finding's message, hint and evidence for a place that keeps graphs of several epochs."""
-    unit = "iteration" if iterations else "step"
+def describe(place: Place, unit: str, evaluation: bool = False) -> tuple[str, str, dict[str, Any]]:
+    """A finding's message, hint and evidence for a place that keeps graphs of several epochs.
+
+    ``unit`` is ``"step"`` or ``"iteration"``; ``evaluation`` says the graphs come from model
+    calls with no ``backward()`` between them (an evaluation loop run with autograd on).
+    """
     span, name = place.span, place.where
     data = {
         "variable": name,
@@ -264,6 +317,8 @@ def describe(place: Place, iterations: bool) -> tuple[str, str, dict[str, Any]]:
         "unit": unit,
         "carried": span.carried,
     }
+    if evaluation:
+        data["evaluation"] = True
     if place.kind in ("list", "tuple", "dict", "deque") and not span.carried:
         holder = f"{place.kind} `{name}`"
     elif place.kind == "attribute":
@@ -280,14 +335,14 @@ def describe(place: Place, iterations: bool) -> tuple[str, str, dict[str, Any]]:
             hint = f"Detach the carried state at each batch: `{name} = tuple(h.detach() for h in {name})`"
         else:
             hint = f"Detach the carried state at each batch: `{name} = {name}.detach()`"
-        if iterations:
+        if evaluation:
             hint += ", or evaluate under `torch.no_grad()`"
         return message, hint, data
     message = (
         f"{holder} holds autograd graphs of {span.epochs} {unit}s ({unit}s {span.lo} to {span.hi}) and "
         f"more at each {unit}: every one stays in memory with what it saved for backward"
     )
-    if iterations:
+    if evaluation:
         hint = "Evaluate under `with torch.no_grad():` (or torch.inference_mode()), or keep out.detach()"
     elif place.kind in ("list", "tuple", "dict", "deque", "attribute"):
         hint = f"Keep numbers, not graph tensors: `{name}.append(loss.item())` (or loss.detach())"

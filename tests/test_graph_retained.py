@@ -210,6 +210,132 @@ def test_module_attribute_appended_in_a_method_points_at_the_method():
     assert finding.location.line == line_of("# <- appended in a method")
 
 
+# ------------------------------------------------------------- flagged, whatever the shape of the loop
+
+
+def _by_hand(model, x, y, steps, keep):
+    """A loop with no optimizer: hand-written updates through ``.data``, as in old tutorials."""
+    total_loss = 0.0
+    for _ in range(steps):
+        model.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        for p in model.parameters():
+            p.data.add_(p.grad, alpha=-0.01)
+        total_loss += keep(loss)  # <- by hand
+    return total_loss
+
+
+def test_running_total_with_hand_written_updates_and_no_optimizer_is_flagged():
+    model, (x, y) = tiny_model(), tiny_data()
+    with gradguard.Guard(model, policy="collect") as guard:
+        _by_hand(model, x, y, 8, keep=lambda loss: loss)
+        assert guard.findings == []  # a short run: decided when it ends (it may yet be an optimizer's warm-up)
+    finding = _only(guard)
+    assert finding.where == "total_loss"
+    assert finding.location.line == line_of("# <- by hand")
+    assert finding.data["unit"] == "iteration"
+    assert ".item()" in finding.hint
+
+
+def test_a_long_run_with_no_optimizer_is_flagged_while_it_runs():
+    model, (x, y) = tiny_model(), tiny_data()
+    with gradguard.Guard(model, detectors=[GraphRetained], policy="collect") as guard:
+        _by_hand(model, x, y, 66, keep=lambda loss: loss)
+        assert [f.where for f in guard.findings] == ["total_loss"]
+
+
+def test_outputs_kept_by_a_validation_loop_between_training_epochs_are_flagged():
+    model, (x, y) = tiny_model(), tiny_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradguard.Guard(model, opt, policy="collect") as guard:
+        for _ in range(2):
+            model.train()
+            for _ in range(STEPS):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+            model.eval()
+            predictions = []
+            for _ in range(12):
+                predictions.append(model(x))  # <- validation outputs
+    finding = _only(guard)
+    assert finding.where == "predictions"
+    assert finding.location.line == line_of("# <- validation outputs")
+    assert finding.data["unit"] == "iteration"
+    assert finding.data["evaluation"] is True
+    assert "torch.no_grad()" in finding.hint
+
+
+def test_hidden_state_carried_across_validation_batches_is_flagged():
+    model = Recurrent("gru")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradguard.Guard(model, opt, policy="collect") as guard:
+        for x, y in _batches():
+            opt.zero_grad()
+            pred, _ = model(x, torch.zeros(1, 2, 8))
+            nn.functional.mse_loss(pred, y).backward()
+            opt.step()
+        model.eval()
+        hidden = torch.zeros(1, 2, 8)
+        for x, _ in _batches(12):
+            _pred, hidden = model(x, hidden)  # <- validation hidden
+    finding = _only(guard)
+    assert finding.where == "hidden"
+    assert finding.location.line == line_of("# <- validation hidden")
+    assert finding.data["carried"] is True
+    assert "hidden = hidden.detach()" in finding.hint
+
+
+def _fill(model, opt, x, y, losses):
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss)  # <- filled in a helper
+
+
+def test_a_list_filled_in_a_helper_is_reported_at_the_append():
+    model, (x, y) = tiny_model(), tiny_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with _guard(model, opt) as guard:
+        losses = []
+        for _ in range(2):
+            _fill(model, opt, x, y, losses)
+    finding = _only(guard)
+    assert finding.where == "losses"
+    assert finding.location.line == line_of("# <- filled in a helper")
+
+
+class CallsItsNet(nn.Module):
+    """A Lightning-style module: its training step calls a submodule, never ``self(x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+        self.step_losses = []
+
+    def training_step(self, x, y):
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.step_losses.append(loss)  # <- its own forward never runs
+        return loss
+
+
+def test_losses_kept_by_a_module_that_calls_a_submodule_are_flagged():
+    model, (x, y) = CallsItsNet(), tiny_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with _guard(model, opt) as guard:
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss = model.training_step(x, y) * 1.0  # scaled, as a framework may do before backward
+            loss.backward()
+            opt.step()
+    finding = _only(guard)
+    assert finding.where.endswith("step_losses")
+    assert finding.location.line == line_of("# <- its own forward never runs")
+
+
 # ----------------------------------------------------------------------- nothing
 
 
@@ -354,6 +480,47 @@ def test_a_training_rollout_before_the_first_step_reports_nothing():
     assert guard.findings == []
 
 
+def test_hand_written_updates_that_keep_numbers_report_nothing():
+    model, (x, y) = tiny_model(), tiny_data()
+    with gradguard.Guard(model, policy="collect") as guard:
+        _by_hand(model, x, y, 66, keep=lambda loss: loss.item())
+    assert guard.findings == []
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_validation_without_autograd_between_training_epochs_reports_nothing(mode):
+    model, (x, y) = tiny_model(), tiny_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradguard.Guard(model, opt, policy="collect") as guard:
+        for _ in range(2):
+            for _ in range(STEPS):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+            predictions = []
+            with getattr(torch, mode)():
+                for _ in range(12):
+                    predictions.append(model(x))
+    assert guard.findings == []
+
+
+def test_a_policy_gradient_rollout_between_steps_reports_nothing():
+    # REINFORCE: the log-probabilities of a whole episode are kept, then one backward uses them all.
+    torch.manual_seed(0)
+    policy = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    with gradguard.Guard(policy, opt, policy="collect") as guard:
+        for _ in range(3):
+            log_probs = []
+            for _ in range(24):
+                dist = torch.distributions.Categorical(logits=policy(torch.randn(1, 4)))
+                log_probs.append(dist.log_prob(dist.sample()))
+            opt.zero_grad()
+            (-torch.cat(log_probs).sum()).backward()
+            opt.step()
+    assert guard.findings == []
+
+
 # ----------------------------------------------------------------------- mechanics
 
 
@@ -460,10 +627,23 @@ def carried_hidden():
         opt.step()
 
 
+def by_hand():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    log_loss = 0.0
+    for _ in range(70):
+        model.zero_grad()
+        loss = nn.functional.mse_loss(model(X), Y)
+        loss.backward()
+        for p in model.parameters():
+            p.data.add_(p.grad, alpha=-0.01)
+        log_loss += loss  # [no optimizer]
+
+
 running_total()
 loss_list()
 attribute()
 carried_hidden()
+by_hand()  # after the optimizers stopped: decided once backward() calls show no step comes
 """
 
 EVAL_SCRIPT = """
@@ -493,7 +673,8 @@ def _run(write_script, run_cli, tmp_path, source):
 
 def test_gradguard_run_names_each_retained_variable_of_a_training_script(write_script, run_cli, tmp_path):
     script, found, findings = _run(write_script, run_cli, tmp_path, TRAIN_SCRIPT)
-    assert [f["code"] for f in findings] == ["GG201"] * 4
+    assert [f["code"] for f in findings] == ["GG201"] * 5
+    assert found.pop("log_loss")["location"]["line"] == line_of("# [no optimizer]", script)
     expected = {
         "total_loss": "# [running total]",
         "history": "# [list of losses]",
@@ -542,3 +723,42 @@ def test_gradguard_run_on_a_gan_reports_nothing(write_script, run_cli, tmp_path)
     # gradguard run learns of opt_g only at its first step(): the first round must wait for it.
     _, found, _ = _run(write_script, run_cli, tmp_path, GAN_SCRIPT)
     assert found == {}
+
+
+LIGHTNING_SCRIPT = """
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.step_losses = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.step_losses.append(loss)  # [step losses]
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+torch.manual_seed(0)
+data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32, 1)), batch_size=4)
+trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                     enable_checkpointing=False, enable_model_summary=False)
+trainer.fit(Regressor(), data)
+"""
+
+
+def test_gradguard_run_finds_step_losses_of_a_lightning_module_that_calls_a_submodule(write_script, run_cli, tmp_path):
+    script, found, findings = _run(write_script, run_cli, tmp_path, LIGHTNING_SCRIPT)
+    assert [f["code"] for f in findings] == ["GG201"]
+    (finding,) = found.values()
+    assert finding["where"].endswith("step_losses")
+    assert finding["location"]["line"] == line_of("# [step losses]", script)

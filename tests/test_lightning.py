@@ -260,6 +260,34 @@ def test_step_losses_kept_on_the_module_are_flagged():
     assert {f.code for f in callback.findings} == {"GG201"}
 
 
+class StepLossesOfASubmodule(pl.LightningModule):
+    """``training_step`` calls ``self.net(x)``: the module's own forward never runs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.step_losses = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.step_losses.append(loss)  # <- a submodule's graph, every step
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_step_losses_of_a_module_that_calls_a_submodule_are_flagged():
+    callback = GradGuardCallback(policy="collect")
+    _trainer([callback], limit_train_batches=8).fit(StepLossesOfASubmodule(), _loader())
+    (finding,) = callback.findings
+    assert finding.code == "GG201"
+    assert finding.where.endswith("step_losses")
+    assert finding.location.line == line_of("# <- a submodule's graph, every step")
+
+
 class ValidationWithGrad(Regressor):
     def __init__(self):
         super().__init__()

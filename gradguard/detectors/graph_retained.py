@@ -11,7 +11,16 @@ import torch
 
 from gradguard import retention
 from gradguard.detector import Detector, Findings, on
-from gradguard.events import Close, ForwardPost, ForwardPre, ModelAdded, OptimizerAdded, StepPost
+from gradguard.events import (
+    BackwardPre,
+    Close,
+    ForwardPost,
+    ForwardPre,
+    IterationEnd,
+    OptimizerAdded,
+    StepPost,
+    StepPre,
+)
 from gradguard.findings import Finding
 from gradguard.introspect.frames import user_frame, user_frames
 from gradguard.introspect.graph import graph_tensors
@@ -24,6 +33,7 @@ _INPUT_BUDGET = 128  # graph nodes walked from one input of a forward
 _MAX_FRAMES = 8  # user frames looked at in one check
 _STALE_CALLS = 16  # an optimizer that did not step in this many step() calls no longer ends rounds
 _CHECK_EVERY = 16  # check at every boundary during the warm-up, then every _CHECK_EVERY
+_CONFIRM_BACKWARDS = 64  # backward() calls with no optimizer step that show updates are made by hand
 
 
 class GraphRetained(Detector):
@@ -31,30 +41,38 @@ class GraphRetained(Detector):
 
     **What it detects.** A tensor that carries an autograd graph keeps every tensor that
     graph saved for backward, and every earlier graph it was computed from. When a variable
-    the training loop holds (``total_loss``, a list ``history``, an attribute
-    ``model.step_losses``) reaches the graphs of several steps, and reaches more of them
-    step after step, the history of the run stays in memory. gradguard stamps the graph of
-    each step at the output of the model's forward (in ``grad_fn.metadata``), and at step
-    boundaries walks, with bounded walks, only the graphs of the tensors that the user's
-    frames, containers and model attributes hold. It reports the variable and the line of
-    its assignment, and how many steps of history it spans:
+    the program holds (``total_loss``, a list ``history``, an attribute
+    ``self.step_losses``) reaches the graphs of several iterations, and reaches more of them
+    iteration after iteration, the history of the run stays in memory. gradguard stamps the
+    graph of each iteration, in ``grad_fn.metadata``, at the output of a watched model's
+    forward and at the loss given to ``backward()``, and at iteration boundaries walks, with
+    bounded walks, only the graphs of what the user's frames, containers and modules hold.
+    It reports the variable and the line that fills it (the ``append`` inside a helper, not
+    the call of the helper), and how many iterations of history it spans:
 
-    - the running total ``total_loss += loss``;
-    - a list of loss or output tensors kept for logging;
+    - the running total ``total_loss += loss``, with an optimizer or with updates written by
+      hand (``p.data.add_(p.grad, alpha=-lr)``), where each ``backward()`` is an iteration;
+    - a list of loss or output tensors kept for logging, also on a module that only calls
+      its submodules (a ``LightningModule`` whose ``training_step`` calls ``self.net(x)``
+      and appends to ``self.step_losses``);
     - a recurrent hidden state fed back into the model from batch to batch without
       ``detach()``: with ``backward(retain_graph=True)`` the graph, and the cost of each
       backward, grow without bound (it is reported at the first forward that links the
       graph of one step to that of an earlier one);
     - outputs collected, or a hidden state carried, in an evaluation loop run with
-      autograd on. Without an optimizer, each call of the model is an iteration; these
-      findings are made when the run ends, and only if no optimizer step and no backward
-      reached the model during the run.
+      autograd on, alone or between training epochs: calls of a model with no
+      ``backward()`` between them are iterations. Such a finding is made when the next
+      ``backward()`` shows the graphs were not a rollout (REINFORCE keeps the
+      log-probabilities of an episode for one backward), or when the run ends.
 
-    Several optimizers (a GAN) make one step when each of them has stepped once, so a
-    generator output reused within the iteration is not history; an LBFGS closure and the
-    micro-batches of gradient accumulation belong to the step of their ``step()`` call.
-    A graph that spans a single step, however old (a loss kept in a local until the next
-    step overwrites it), is not reported.
+    An iteration is what the program does: optimizer steps when there are some (several
+    optimizers, a GAN, make one step when each of them has stepped once; an LBFGS closure and
+    the micro-batches of gradient accumulation belong to the step of their ``step()`` call),
+    else ``backward()`` calls, else model calls. Without an optimizer step, findings wait
+    until 64 ``backward()`` calls, or the end of the run, show that no optimizer steps (the
+    micro-batches before a first ``step()`` are not history). A graph that spans a single
+    iteration, however old (a loss kept in a local until the next step overwrites it), is
+    not reported.
 
     **Why it matters.** Memory grows with every step until the process runs out of it,
     far from the line that caused it; with ``retain_graph=True`` every backward also walks
@@ -81,53 +99,57 @@ class GraphRetained(Detector):
             total_loss += loss        # GG201: keeps the graph of every step alive
             # fix: total_loss += loss.item()
 
-    **Cost.** A stamp per model call; at each step boundary (every step during the warm-up,
-    the first 32, then every 16th) a look at the user's frames and at the attributes of a rotating few of
-    the model's modules, and walks of at most a few hundred graph nodes per held value. No
-    tensor value is read and the GPU is never synchronised. Graphs built outside a watched
-    model's forward (a model written as plain functions) carry no stamp and are not seen.
+    **Cost.** A stamp per model call and per ``backward()``; at each iteration boundary
+    (every one during the warm-up, the first 32, then every 16th) a look at the user's frames
+    and at the attributes of a rotating few of the models' modules, and walks of at most a
+    few hundred graph nodes per held value. No tensor value is read and the GPU is never
+    synchronised. A graph built by plain functions with no watched model and never given to
+    ``backward()`` carries no stamp and is not seen.
     """
 
     code = "GG201"
     name = "graph-retained"
     hint = "Keep numbers, not graph tensors, across steps: use .item() or .detach()"
-    consumes = (ModelAdded, OptimizerAdded, ForwardPre, ForwardPost, StepPost, Close)
+    consumes = (OptimizerAdded, ForwardPre, ForwardPost, BackwardPre, IterationEnd, StepPre, StepPost, Close)
     state_fields = ("flagged_places", "checks")
 
     def setup(self) -> None:
         self.flagged_places = 0
         self.checks = 0
         self._token = next(retention.TOKENS)
-        self._round = 0  # completed steps (rounds in which every active optimizer stepped)
-        self._group = 0  # iterations without an optimizer: a model called again starts one
+        self._round = 0  # training epochs: optimizer rounds (every active optimizer stepped), else backward() calls
+        self._floor = 0  # rounds before the first optimizer step were its micro-batches: they count as one
+        self._group = 0  # forward epochs: a watched model called again starts one
         self._group_members: set[int] = set()
+        self._quiet = True  # no backward() since the last group began
         self._calls = 0  # optimizer step() calls seen
+        self._backward_rounds = 0  # backward() calls counted as rounds (no optimizer step yet)
+        self._stepping = False  # inside an optimizer's step() (an LBFGS closure)
         self._stepped: set[int] = set()
         self._optimizers: dict[int, tuple[weakref.ref[torch.optim.Optimizer], list[int]]] = {}
-        self._previous: dict[tuple[Any, ...], tuple[Span, int]] = {}  # place -> span, check it was seen at
+        # (clock, place) -> span, the look it was seen at, backward() calls by then
+        self._previous: dict[tuple[Any, ...], tuple[Span, int, int]] = {}
+        self._backwards = 0
+        self._looks = {"round": 0, "group": 0}  # checks made of each clock
         self._reported: dict[tuple[Any, ...], Finding] = {}
-        self._pending: dict[tuple[Any, ...], Finding] = {}  # iteration findings, decided at close
-        self._grad_marks: dict[int, tuple[int, int] | None] = {}
+        # Findings that wait for the shape of the loop to be known: forward findings until a
+        # backward() shows whether the graphs were a rollout (then they are dropped), training
+        # findings made with no optimizer step until enough backward() calls show there is none.
+        self._pending: dict[str, dict[tuple[Any, ...], Finding]] = {"group": {}, "round": {}}
         self._max_spans: dict[tuple[Any, ...], int] = {}
-        self._seen: dict[tuple[Any, ...], int] = {}
+        self._seen: dict[tuple[str, tuple[Any, ...]], int] = {}
         self._modules = Rotation(self.run.budget.wide())
-        self._module_list: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+        self._module_list: list[tuple[weakref.ref[torch.nn.Module], str, weakref.ref[torch.nn.Module]]] = []
         self._structure = -1
 
     def teardown(self) -> None:
-        for store in (self._optimizers, self._previous, self._pending, self._grad_marks, self._seen):
+        for store in (self._optimizers, self._previous, self._seen, self._pending["group"], self._pending["round"]):
             store.clear()
         self._group_members.clear()
         self._stepped.clear()
         self._module_list = []
 
     # ---------------------------------------------------------------- events
-    @on(ModelAdded)
-    def _model(self, event: ModelAdded) -> Findings:
-        for p in event.module.parameters():
-            self._grad_marks.setdefault(id(p), _grad_mark(p))
-        return None
-
     @on(OptimizerAdded)
     def _optimizer(self, event: OptimizerAdded) -> Findings:
         self._register(event.optimizer)
@@ -135,25 +157,58 @@ class GraphRetained(Detector):
 
     @on(ForwardPre)
     def _before_forward(self, event: ForwardPre) -> Findings:
-        if self._calls:
-            return None  # optimizer steps mark the boundaries
         if id(event.module) not in self._group_members:
             self._group_members.add(id(event.module))
             return None
+        quiet = self._quiet
         self._group += 1
         self._group_members = {id(event.module)}
-        if self._due(self._group):
-            self._check(iterations=True)  # iteration findings wait for the end of the run
+        self._quiet = True
+        if quiet and self._due(self._group):
+            self._check("group")  # no backward between the calls: evaluation, or a rollout
+        return None
+
+    @on(BackwardPre)
+    def _before_backward(self, event: BackwardPre) -> Findings:
+        roots = [t.grad_fn for t in event.tensors if isinstance(t, torch.Tensor) and t.grad_fn is not None][:16]
+        self._quiet = False
+        self._backwards += 1
+        out: list[Finding] = []
+        if self._pending["group"]:
+            # graphs of earlier model calls reached by this backward were a rollout (REINFORCE,
+            # a generator's output), not history kept by mistake
+            rollout = retention.reaches_before(roots, self._token, self._group, _NODE_BUDGET)
+            out = [] if rollout else self._release("group")
+            self._pending["group"].clear()
+        # the loss itself carries the stamp of its epoch, whether or not a watched model made it
+        retention.stamp_new(roots, self._token, (self._token, self._round, self._group, self._round, self._group))
+        return out
+
+    @on(IterationEnd)
+    def _iteration(self, event: IterationEnd) -> Findings:
+        if event.by != "backward" or self._stepping:
+            return None
+        # no optimizer steps (yet, or for many backward() calls): each backward() is a training iteration
+        self._round += 1
+        self._backward_rounds += 1
+        out = self._release("round") if self._backward_rounds == _CONFIRM_BACKWARDS else []
+        if self._due(self._round):
+            out += self._check("round")
+        return out
+
+    @on(StepPre)
+    def _before_step(self, event: StepPre) -> Findings:
+        self._stepping = True
         return None
 
     @on(StepPost)
     def _after_step(self, event: StepPost) -> Findings:
+        self._stepping = False
         self._calls += 1
-        if self._calls == 1:  # training: optimizer steps, not model calls, are the unit of history
-            self.listen(ForwardPre, False)
-            self._pending.clear()
-            self._previous.clear()
-            self._seen.clear()
+        if self._calls == 1:
+            # an optimizer steps: earlier backward() calls were micro-batches of this first step
+            self._floor = self._round
+            self._pending["round"].clear()
         self._register(event.optimizer)[1][0] = self._calls
         self._stepped.add(id(event.optimizer))
         for key in [k for k, (ref, _) in self._optimizers.items() if ref() is None]:
@@ -163,32 +218,35 @@ class GraphRetained(Detector):
             return None  # another optimizer has yet to step in this round (a GAN)
         self._round += 1
         self._stepped = set()
-        return self._check(iterations=False) if self._due(self._round) else None
+        return self._check("round") if self._due(self._round) else None
 
     @on(ForwardPost)
     def _after_forward(self, event: ForwardPost) -> Findings:
         outputs = [t for t in graph_tensors(event.output, depth=2) if t.grad_fn is not None][:16]
         if not outputs:
             return None
-        iterations = self._calls == 0
-        now = self._group if iterations else self._round
         inputs = list(itertools.chain(event.args, event.kwargs.values()))
-        origin, carried = retention.inputs_history(inputs, self._token, _INPUT_BUDGET, now, iterations)
-        origin_round, origin_group = min(self._round, origin[0]), min(self._group, origin[1])
+        found = retention.inputs_history(inputs, self._token, _INPUT_BUDGET, self._floor)
+        origin_round = min([self._round] + [rounds.lo for _, rounds, _ in found])
+        origin_group = min([self._group] + [groups.lo for _, _, groups in found])
         retention.stamp(outputs, (self._token, self._round, self._group, origin_round, origin_group))
-        if not carried:
-            return None
-        places = retention.carried_places(user_frame(), type(event.module), carried)
-        return self._deliver([self._finding_for(p, iterations) for p in places], iterations)
+        # a state fed back from an earlier step; or, between model calls with no backward() (an
+        # evaluation loop, a rollout), from an earlier call
+        by_round = [(value, rounds) for value, rounds, _ in found if rounds.lo < self._round]
+        by_group = [(value, groups) for value, rounds, groups in found if groups.lo < self._group]
+        out = []
+        for clock, carried, now in (("round", by_round, self._round), ("group", by_group, self._group)):
+            if carried and (clock == "round" or not by_round):
+                spans = [(value, Span(span.lo, now, span.first, carried=True)) for value, span in carried]
+                places = retention.carried_places(user_frame(), type(event.module), spans)
+                out += self._deliver([self._finding_for(p, clock) for p in places], clock)
+        return out
 
     @on(Close)
     def _close(self, event: Close) -> Findings:
-        if self._calls or not self._pending or self._backward_ran():
-            return None
-        self.flagged_places += len(self._pending)
-        self._reported.update(self._pending)
-        out = list(self._pending.values())
-        self._pending.clear()
+        out = self._release("group")
+        if not self._calls:
+            out += self._release("round")
         return out
 
     def report(self) -> dict[str, Any]:
@@ -213,86 +271,112 @@ class GraphRetained(Detector):
             rec = self._optimizers[id(optimizer)] = (weakref.ref(optimizer), [self._calls])
         return rec
 
-    def _backward_ran(self) -> bool:
-        return any(
-            id(p) in self._grad_marks and _grad_mark(p) != self._grad_marks[id(p)]
-            for model in self.run.models()
-            for p in model.parameters()
-        )
+    def _release(self, clock: str) -> list[Finding]:
+        """Publish the findings that waited for the shape of the loop."""
+        pending = self._pending[clock]
+        out = []
+        for key, f in pending.items():
+            if key in self._reported:
+                continue
+            self._reported[key] = f
+            self.flagged_places += 1
+            out.append(f)
+        pending.clear()
+        return out
 
     # ---------------------------------------------------------------- checks
-    def _check(self, *, iterations: bool) -> list[Finding]:
+    def _check(self, clock: str) -> list[Finding]:
         """Look at what the user holds at a boundary; report places whose history keeps growing."""
         self.checks += 1
+        self._looks[clock] += 1
+        look = self._looks[clock]
         budget = [_CHECK_BUDGET]
         frames = user_frames(_MAX_FRAMES, installed=False)
-        modules = self._modules.select([self._submodules()], self.checks)
-        places = retention.held_places(frames, modules, lambda value: self._span(value, budget))
+        modules = []
+        for model_ref, path, sub_ref in self._modules.select([self._submodules()], self.checks):
+            model, sub = model_ref(), sub_ref()
+            if model is not None and sub is not None:
+                modules.append((model, path, sub))
+        places = retention.held_places(frames, modules, lambda value: self._span(value, budget, clock))
+        del modules
         out = []
         for place in places:
-            span = place.span
-            before = self._previous.get(place.key)
-            self._previous[place.key] = (span, self.checks)
-            if place.key in self._reported or place.key in self._pending:
+            span, key = place.span, (clock, place.key)
+            before = self._previous.get(key)
+            self._previous[key] = (span, look, self._backwards)
+            if place.key in self._reported or place.key in self._pending[clock]:
                 if span.epochs >= 2:  # seen again: count it
                     self._max_spans[place.key] = max(self._max_spans.get(place.key, 0), span.epochs)
-                    out.append(self._finding_for(place, iterations, frames))
+                    out.append(self._finding_for(place, clock, frames))
                 continue
             # A state fed back into the model is reported at that call, under its own name; what
             # is computed from it (the output of the call) is not reported again. Only a value
             # that holds the stamps of several epochs, more at each look, is a new finding.
             gap = 1 if place.kind != "attribute" else self._modules.budget.coverage([len(self._module_list)])
-            if before is not None and self.checks - before[1] <= gap and span.outgrows(before[0]):
-                out.append(self._finding_for(place, iterations, frames))
+            # between model calls, only growth with no backward() in between counts (an evaluation
+            # loop's own); what training adds between two evaluation loops is the training clock's
+            same_phase = clock == "round" or before is None or before[2] == self._backwards
+            if before is not None and same_phase and look - before[1] <= gap and span.outgrows(before[0]):
+                out.append(self._finding_for(place, clock, frames))
         if len(self._previous) > 4096:
-            self._previous = {k: v for k, v in self._previous.items() if self.checks - v[1] <= 64}
-        return self._deliver(out, iterations)
+            self._previous = {k: v for k, v in self._previous.items() if self._looks[k[0]] - v[1] <= 64}
+        return self._deliver(out, clock)
 
-    def _submodules(self) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    def _submodules(self) -> list[tuple[weakref.ref[torch.nn.Module], str, weakref.ref[torch.nn.Module]]]:
         if self._structure != self.run.structure:
             self._structure = self.run.structure
-            self._module_list = [(m, n, s) for m in self.run.models() for n, s in m.named_modules()]
+            self._module_list = [
+                (weakref.ref(m), n, weakref.ref(s)) for m in self.run.models() for n, s in m.named_modules()
+            ]
         return self._module_list
 
-    def _span(self, value: Any, budget: list[int]) -> Span | None:
+    def _span(self, value: Any, budget: list[int], clock: str) -> Span | None:
         """The epochs whose graphs ``value`` reaches, or ``None`` if it holds no stamped graph."""
         if budget[0] <= 0:
             return None
         roots = [t.grad_fn for t in graph_tensors(value, depth=2) if t.grad_fn is not None]
-        found = retention.spans(roots, self._token, min(_NODE_BUDGET, budget[0]), budget) if roots else None
+        found = (
+            retention.spans(roots, self._token, min(_NODE_BUDGET, budget[0]), budget, self._floor) if roots else None
+        )
         if found is None:
             return None
-        return found[1] if self._calls == 0 else found[0]
+        return found[1] if clock == "group" else found[0]
 
     # ---------------------------------------------------------------- findings
-    def _deliver(self, findings: list[tuple[tuple[Any, ...], Finding]], iterations: bool) -> list[Finding]:
+    def _deliver(self, findings: list[tuple[tuple[Any, ...], Finding]], clock: str) -> list[Finding]:
         """Record new findings; a place seen again at a later epoch counts once more."""
         out = []
+        pending = self._pending[clock] if clock == "group" or not self._confirmed() else None
         for key, f in findings:
             latest = f.data["last_step"]
-            if self._seen.get(key, -1) >= latest:
+            seen_key = (clock, key)
+            if self._seen.get(seen_key, -1) >= latest:
                 continue  # already counted for this epoch (at the model call, then at the step)
-            self._seen[key] = latest
+            self._seen[seen_key] = latest
             self._max_spans[key] = max(self._max_spans.get(key, 0), f.data["steps_spanned"])
-            if iterations:
-                known = self._pending.get(key)
-                self._pending[key] = f if known is None else dataclasses.replace(known, count=known.count + 1)
-            elif key in self._reported:
+            if key in self._reported:
                 out.append(dataclasses.replace(self._reported[key], count=1))
+            elif pending is not None:
+                known = pending.get(key)
+                pending[key] = f if known is None else dataclasses.replace(known, count=known.count + 1)
             else:
                 self._reported[key] = f
                 self.flagged_places += 1
                 out.append(f)
         return out
 
+    def _confirmed(self) -> bool:
+        """Whether training findings may be published: an optimizer steps, or many backward() calls showed none."""
+        return self._calls > 0 or self._backward_rounds >= _CONFIRM_BACKWARDS
+
     def _finding_for(
-        self, place: Place, iterations: bool, frames: list[Any] | None = None
+        self, place: Place, clock: str, frames: list[Any] | None = None
     ) -> tuple[tuple[Any, ...], Finding]:
-        message, hint, data = retention.describe(place, iterations)
+        unit = "step" if clock == "round" and self._calls else "iteration"
+        if clock == "round" and self._floor:  # steps are counted from the first optimizer step
+            span = place.span
+            place = dataclasses.replace(place, span=Span(span.lo - self._floor, span.hi - self._floor, span.first))
+            place.span.carried = span.carried
+        message, hint, data = retention.describe(place, unit, evaluation=clock == "group")
         location = retention.locate(place, frames if frames is not None else user_frames(_MAX_FRAMES, installed=False))
         return place.key, self.finding(message, where=place.where, location=location, hint=hint, data=data)
-
-
-def _grad_mark(p: torch.Tensor) -> tuple[int, int] | None:
-    grad = p.grad
-    return None if grad is None else (id(grad), grad._version)
