@@ -1,9 +1,11 @@
-"""Cost per call of the GG501 wrappers of ``torch.from_numpy``, ``torch.as_tensor`` and ``Tensor.numpy``.
+"""Cost per call of the GG501 wrappers of ``from_numpy``, ``as_tensor``, ``Tensor.numpy`` and the legacy constructors.
 
 Each call is timed without a guard, then with a guard running GG501 only: called from this
 script (the alias is recorded: checksum, record, bookkeeping) and from inside torch
 (``default_convert``, as DataLoader collation does: only the caller's file is looked at).
 The result of every call is dropped at once, as in a loop that makes a fresh alias per batch.
+The legacy constructors are also timed without an array (sizes, a parameter: only the
+first argument is looked at), beside ``torch.empty``, which no wrapper sees.
 
     python benchmarks/numpy_alias_wrapper.py
 """
@@ -38,7 +40,13 @@ def main() -> None:
         "torch.from_numpy(large)": "torch.from_numpy(large)",
         "torch.as_tensor(small)": "torch.as_tensor(small)",
         "t.numpy()": "t.numpy()",
+        "torch.Tensor(small)": "torch.Tensor(small)",
+        "torch.FloatTensor(small)": "torch.FloatTensor(small)",
         "default_convert(small)  [torch caller]": "default_convert(small)",
+        "torch.Tensor(2, 8)  [no array]": "torch.Tensor(2, 8)",
+        "torch.FloatTensor(2, 8)  [no array]": "torch.FloatTensor(2, 8)",
+        "torch.nn.Parameter(t)  [no array]": "torch.nn.Parameter(t)",
+        "torch.empty(2, 8)  [not wrapped]": "torch.empty(2, 8)",
     }
     plain = {name: per_call_ns(stmt, env) for name, stmt in cases.items()}
     with gradguard.Guard(detectors=["GG501"], policy="collect") as guard:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torch
 
 import gradguard
 from gradguard.detectors.numpy_alias import NumpyAliasMutated
-from gradguard.sources.numpy import patched
+from gradguard.sources.numpy import TYPED, patched
 
 from .helpers import line_of
 
@@ -116,6 +118,53 @@ def test_numpy_snapshots_of_a_parameter_are_flagged_at_the_step_after():
     assert np.array_equal(history[0], history[-1])  # the bug is real
 
 
+@pytest.mark.parametrize(
+    ("how", "dtype"),
+    [
+        ("torch.Tensor", np.float32),
+        ("torch.FloatTensor", np.float32),
+        ("torch.DoubleTensor", np.float64),
+        ("torch.HalfTensor", np.float16),
+        ("torch.LongTensor", np.int64),
+        ("torch.IntTensor", np.int32),
+        ("torch.ShortTensor", np.int16),
+        ("torch.CharTensor", np.int8),
+        ("torch.ByteTensor", np.uint8),
+        ("torch.BoolTensor", np.bool_),
+    ],
+)
+def test_refilled_buffer_kept_through_a_legacy_constructor_is_flagged(how, dtype):
+    model, opt = _model_opt()
+    with gradguard.Guard(model, opt, policy="collect", detectors=[NumpyAliasMutated]) as guard:
+        make = getattr(torch, how.split(".")[1])  # looked up while attached, as torch.FloatTensor(...) is
+        buf = np.empty(4, dtype=dtype)
+        data = []
+        for i in range(3):
+            buf[:] = i % 2  # bool too
+            data.append(make(buf))  # legacy refill
+        for x in data:
+            _train(model, opt, x.float())
+    [f] = guard.findings
+    assert (f.code, f.where, f.location.file, f.location.line) == ("GG501", "buf", HERE, _line("legacy refill"))
+    assert (f.data["kind"], f.data["how"], f.data["container"]) == ("kept-alias", how, "data")
+    assert f.count == 2
+    assert f"{how}(buf.copy())" in f.hint
+    assert all(torch.equal(x, data[-1]) for x in data)  # the bug is real
+
+
+def test_in_place_normalisation_of_a_torch_tensor_over_an_array_is_flagged():
+    model, opt = _model_opt()
+    data = np.random.default_rng(0).random((8, 4)).astype(np.float32)
+    with gradguard.Guard(model, opt, policy="collect", detectors=[NumpyAliasMutated]) as guard:
+        for _ in range(2):
+            x = torch.Tensor(data)  # legacy normalise
+            x.sub_(x.mean(0))
+            _train(model, opt, x)
+    [f] = guard.findings
+    assert (f.where, f.location.line, f.data["kind"]) == ("data", _line("legacy normalise"), "rewritten-in-place")
+    assert "torch.Tensor(data)" in f.message
+
+
 # ------------------------------------------------------------------------------ nothing
 def test_fresh_array_per_batch_is_not_flagged():
     model, opt = _model_opt()
@@ -173,6 +222,52 @@ def test_a_refilled_buffer_used_right_away_is_not_flagged():
                 out = model(x)
     assert out.requires_grad
     assert _only_gg501(guard) == []
+
+
+def test_legacy_constructors_that_copy_are_not_flagged():
+    model, opt = _model_opt()
+    with gradguard.Guard(model, opt, policy="collect") as guard:
+        buf = np.empty(4, dtype=np.float32)
+        ints = np.empty(4, dtype=np.int64)
+        data = []
+        for i in range(3):
+            buf[:] = i
+            ints[:] = i
+            data.append(torch.Tensor(buf.tolist()))  # a list
+            data.append(torch.tensor(buf))  # a copy
+            data.append(torch.FloatTensor(ints))  # int64 to float32: a copy
+            data.append(torch.Tensor(buf.astype(np.float64)))  # float64 to the default float32: a copy
+            data.append(torch.DoubleTensor(buf))  # float32 to float64: a copy
+            data.append(torch.Tensor(4).fill_(i))  # a size
+            data.append(torch.FloatTensor(2, 2).view(4).fill_(i))
+        for x in data:
+            _train(model, opt, x.float())
+        seen = guard.detector("GG501").aliases_seen
+    assert _only_gg501(guard) == []
+    assert seen == 0
+    assert [x[0].item() for x in data[::7]] == [0.0, 1.0, 2.0]
+
+
+def test_legacy_constructors_report_exactly_the_aliases_they_make():
+    # Which (constructor, dtype) pairs share memory is measured, not assumed.
+    arrays = [np.arange(4).astype(d) for d in (np.float16, np.float32, np.float64, np.int8, np.int16)]
+    arrays += [np.arange(4).astype(d) for d in (np.int32, np.int64, np.uint8, np.bool_, np.uint16)]
+    made = 0
+    with gradguard.Guard(policy="collect", detectors=["GG501"]) as guard:
+        det = guard.detector("GG501")
+        for name in ("Tensor", *TYPED):
+            for array in arrays:
+                seen = det.aliases_seen
+                try:
+                    tensor = getattr(torch, name)(array)
+                except TypeError:
+                    assert det.aliases_seen == seen  # uint16 and the like: refused, nothing reported
+                    continue
+                shares = tensor.data_ptr() == array.ctypes.data  # (tensor.numpy() would be an alias too)
+                assert det.aliases_seen == seen + shares, (name, array.dtype)
+                made += shares
+    assert made == 1 + len(TYPED)  # each aliases its own dtype only
+    assert guard.findings == []
 
 
 class _Arrays(torch.utils.data.Dataset):
@@ -260,6 +355,57 @@ def test_wrappers_exist_only_while_attached_and_nest():
     assert kept(array).data_ptr() == array.__array_interface__["data"][0]  # still works, records nothing
 
 
+def test_legacy_constructor_stand_ins_behave_as_the_originals_and_leave_none_behind():
+    originals = {name: getattr(torch, name) for name in TYPED}
+    set_default = torch._C._set_default_tensor_type
+    assert torch.Tensor.__init__ is object.__init__
+    array = np.zeros(3, dtype=np.float32)
+    with gradguard.Guard(policy="collect", detectors=["GG501"]) as guard:
+        stand_in = torch.FloatTensor
+        assert stand_in is not originals["FloatTensor"]
+        assert "__init__" in vars(torch.Tensor)
+        assert isinstance(torch.zeros(1), torch.FloatTensor)
+        assert not isinstance(torch.zeros(1, dtype=torch.int64), torch.FloatTensor)
+        assert issubclass(torch.LongTensor, torch.LongTensor)
+        assert torch.FloatTensor == originals["FloatTensor"]
+        assert {originals["FloatTensor"]: 1}[torch.FloatTensor] == 1
+        assert (repr(torch.FloatTensor), torch.FloatTensor.__name__) == ("<class 'torch.FloatTensor'>", "FloatTensor")
+        assert (torch.FloatTensor.dtype, torch.LongTensor.is_cuda) == (torch.float32, False)
+        assert torch.zeros(2, dtype=torch.int64).type(torch.DoubleTensor).dtype == torch.float64
+        assert pickle.loads(pickle.dumps(torch.FloatTensor)) is torch.FloatTensor
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"torch\.set_default_tensor_type\(\) is deprecated")
+            try:
+                torch.set_default_tensor_type(torch.DoubleTensor)  # given the original class
+                assert torch.tensor([1.0]).dtype == torch.float64
+            finally:
+                torch.set_default_tensor_type("torch.FloatTensor")
+        assert torch.tensor([1.0]).dtype == torch.float32
+        assert type(torch.nn.Parameter(torch.zeros(2))) is torch.nn.Parameter
+
+        class Subclass(torch.Tensor):
+            pass
+
+        class PassesUp(torch.Tensor):
+            def __init__(self, data):
+                super().__init__(data)
+
+        sub = Subclass(array)
+        assert type(sub) is Subclass
+        assert guard.detector("GG501").aliases_seen == 1  # Subclass(array) shares its memory too
+        with pytest.raises(TypeError, match="takes exactly one argument"):
+            PassesUp(torch.zeros(2))  # as without gradguard
+    assert {name: getattr(torch, name) for name in TYPED} == originals
+    assert all(getattr(torch, name) is original for name, original in originals.items())
+    assert torch._C._set_default_tensor_type is set_default
+    assert torch.Tensor.__init__ is object.__init__
+    assert "__init__" not in vars(torch.Tensor)
+    assert not patched()
+    assert stand_in(array).data_ptr() == array.__array_interface__["data"][0]  # a kept stand-in still works
+    assert isinstance(torch.zeros(1), stand_in)
+    assert guard.detector("GG501").aliases_seen == 1  # and reports nothing
+
+
 def test_copies_are_not_aliases():
     with gradguard.Guard(policy="collect", detectors=["GG501"]) as guard:
         a = np.ones(3, dtype=np.float64)
@@ -324,6 +470,14 @@ history = []
 for step in range(3):
     train(torch.ones(2, 4))
     history.append(model.weight.detach().numpy())  # L_SNAPSHOT
+
+block = np.empty(4, dtype=np.float32)
+legacy = []
+for _ in range(3):
+    block[:] = rng.random(4)
+    legacy.append(torch.FloatTensor(block))  # L_LEGACY
+for x in legacy:
+    train(x)
 """
 
 NOTHING_SCRIPT = """\
@@ -362,6 +516,13 @@ def main():
     for _ in range(2):
         for i in range(0, 8, 2):
             train(torch.from_numpy(data[i : i + 2]))
+    buf, ints, kept = np.empty(4, dtype=np.float32), np.empty(4, dtype=np.int64), []
+    for i in range(3):
+        buf[:] = rng.random(4)
+        ints[:] = i
+        kept += [torch.Tensor(buf.copy()), torch.Tensor(buf.tolist()), torch.FloatTensor(ints), torch.Tensor(2, 4)]
+    for x in kept:
+        train(x)
     for workers in (0, 2):
         for x, _y in torch.utils.data.DataLoader(Arrays(), batch_size=4, num_workers=workers):
             train(x)
@@ -383,6 +544,7 @@ def test_gradguard_run_flags_each_case(run_cli, write_script, tmp_path):
             ("GG501", "buf", line_of("# L_REFILL", script), "kept-alias"),
             ("GG501", "features", line_of("# L_NORMALISE", script), "rewritten-in-place"),
             ("GG501", "weight", line_of("# L_SNAPSHOT", script), "kept-alias"),
+            ("GG501", "block", line_of("# L_LEGACY", script), "kept-alias"),
         ]
     )
     assert all(f["location"]["file"] == "train.py" for f in findings)
@@ -394,4 +556,5 @@ def test_gradguard_run_stays_silent_on_correct_code(run_cli, write_script, tmp_p
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["findings"] == []
-    assert report["detectors"]["GG501"]["aliases_seen"] >= 11  # it was watching
+    # it was watching: 3 fresh arrays, 6 .numpy(), 8 slices, 3 torch.Tensor(buf.copy()); no copying constructor
+    assert report["detectors"]["GG501"]["aliases_seen"] == 20

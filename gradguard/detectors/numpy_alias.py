@@ -22,10 +22,11 @@ _MAX_WRITTEN = 1_024
 class NumpyAliasMutated(Detector):
     """GG501 numpy-alias-mutated: a tensor and a numpy array share memory, and one side changed under the other.
 
-    **What it detects.** ``torch.from_numpy(a)``, ``torch.as_tensor(a)`` (a CPU ndarray
-    with no dtype change) and ``t.numpy()`` make no copy: the tensor and the array are two
-    views of one memory. gradguard records each alias your code makes (weak references to
-    both sides, the line that made it, the tensor's version counter and a checksum of the
+    **What it detects.** ``torch.from_numpy(a)``, ``torch.as_tensor(a)``, the legacy
+    ``torch.Tensor(a)``, ``torch.FloatTensor(a)``, ``LongTensor(a)``... (with no dtype change:
+    ``float32`` for ``torch.Tensor``) and ``t.numpy()`` make no copy: the tensor and the array
+    are two views of one memory. gradguard records each alias your code makes (weak references
+    to both sides, the line that made it, the tensor's version counter and a checksum of the
     bytes) and reports an alias *used* after the other side changed:
 
     - **a buffer refilled and aliased again**: a line makes another alias of the same
@@ -49,8 +50,8 @@ class NumpyAliasMutated(Detector):
     normalised twice. Training runs on wrong numbers, and the plots look plausible.
 
     **How to fix it.** Copy where you need a snapshot: ``torch.from_numpy(buf.copy())`` or
-    ``torch.tensor(buf)``; ``p.detach().numpy().copy()`` or ``p.detach().clone()``; and
-    normalise out of place, ``x = (x - mean) / std``.
+    ``torch.tensor(buf)`` (not ``torch.Tensor``); ``p.detach().numpy().copy()`` or
+    ``p.detach().clone()``; and normalise out of place, ``x = (x - mean) / std``.
 
     **Example.**
 
@@ -61,14 +62,15 @@ class NumpyAliasMutated(Detector):
         for path in files:
             buf[:] = load(path)
             data.append(torch.from_numpy(buf))   # GG501: every entry is the last sample
-            # fix: data.append(torch.from_numpy(buf.copy()))
+            # fix: data.append(torch.from_numpy(buf.copy())); so with torch.Tensor(buf)
 
-    **Cost and limits.** The three functions are wrapped only while attached (about a
-    microsecond per call from your code, a few more when the alias is recorded); checksums
-    read at most 4 KiB or 256 sampled elements; at most 10,000 aliases are tracked, the
-    oldest dropped first. A write that touches none of the sampled elements of a large
-    array goes unseen, and so does a function imported with ``from torch import
-    from_numpy`` before the guard attached.
+    **Cost and limits.** These calls are wrapped only while attached (a microsecond per call
+    from your code, a few more to record an alias; ``torch.Tensor`` gets an ``__init__`` that
+    tensors made by torch never call, ``torch.FloatTensor`` and kin stand-ins that answer as
+    the originals); checksums read at most 4 KiB or 256 sampled elements; at most 10,000
+    aliases are tracked. A write that touches none of the sampled elements of a large array
+    goes unseen, and so does a name taken by ``from torch import from_numpy`` (or
+    ``FloatTensor``) before the guard attached.
     """
 
     code = "GG501"
@@ -108,8 +110,8 @@ class NumpyAliasMutated(Detector):
             base = array.base
             if not isinstance(base, torch.Tensor) or base.data_ptr() != tensor.data_ptr():
                 return None  # numpy(force=True) copied
-        elif how == "torch.as_tensor" and (not tensor.is_cpu or tensor.dtype != aliases.torch_dtype(array.dtype)):
-            return None  # converted to another dtype or device: a copy
+        elif how != "torch.from_numpy" and (not tensor.is_cpu or tensor.dtype != aliases.torch_dtype(array.dtype)):
+            return None  # as_tensor, a legacy constructor: converted to another dtype or device, a copy
         self.aliases_seen += 1
         key = aliases.key_of(array, tensor)
         crc = aliases.checksum(array)

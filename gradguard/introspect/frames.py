@@ -11,10 +11,11 @@ Example:
 from __future__ import annotations
 
 import inspect
+import linecache
 import os
 import sys
 import sysconfig
-from types import CodeType, FrameType
+from types import CodeType, FrameType, ModuleType
 
 from gradguard.findings import Location
 
@@ -105,6 +106,30 @@ def user_files() -> list[str]:
     main = getattr(sys.modules.get("__main__"), "__file__", None)
     if main and not is_library_file(main) and main not in files:
         files.append(main)
+    return files
+
+
+def program_files() -> list[str]:
+    """Every source file of the user's program that the process knows of, each once.
+
+    The user's files on the stack now (:func:`user_files`), then the ``.py`` files of the
+    imported modules that belong neither to a library nor to an installed package, then the
+    sources that only :mod:`linecache` holds (notebook cells, which have no file).
+    """
+    files = user_files()
+    seen = set(files)
+    for module in list(sys.modules.values()):
+        if not isinstance(module, ModuleType):
+            continue
+        filename = object.__getattribute__(module, "__dict__").get("__file__")  # never loads a lazy module
+        if isinstance(filename, str) and filename.endswith(".py") and filename not in seen:
+            seen.add(filename)
+            if not is_installed_file(filename):
+                files.append(filename)
+    for filename, entry in list(linecache.cache.items()):
+        if len(entry) == 4 and entry[1] is None and filename not in seen and not is_installed_file(filename):
+            seen.add(filename)
+            files.append(filename)
     return files
 
 

@@ -7,19 +7,31 @@ stopped on detach with every hook and patch removed. Detectors never register ho
 
 from __future__ import annotations
 
+from gradguard.sources.attributes import AttributeSource
 from gradguard.sources.autograd import AutogradSource
 from gradguard.sources.base import Hub, Source
 from gradguard.sources.modules import ModuleSource
 from gradguard.sources.numpy import NumpySource
 from gradguard.sources.optimizers import OptimizerSource
+from gradguard.sources.resets import GradResetSource
 from gradguard.sources.schedulers import SchedulerSource
 
 #: Every source, in the order a guard starts them.
-SOURCES: tuple[type[Source], ...] = (ModuleSource, OptimizerSource, AutogradSource, NumpySource, SchedulerSource)
+SOURCES: tuple[type[Source], ...] = (
+    ModuleSource,
+    OptimizerSource,
+    AutogradSource,
+    NumpySource,
+    SchedulerSource,
+    AttributeSource,
+    GradResetSource,
+)
 
 __all__ = [
     "SOURCES",
+    "AttributeSource",
     "AutogradSource",
+    "GradResetSource",
     "Hub",
     "ModuleSource",
     "NumpySource",

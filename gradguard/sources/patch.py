@@ -5,6 +5,9 @@ Some signals have no hook in torch (``backward()``, ``torch.from_numpy``, a sche
 listener is subscribed, and puts the original back exactly when the last one leaves. The
 wrapper holds its original in a closure, so a reference taken while patched keeps working
 as the plain function afterwards, and it calls the listeners only while there are any.
+An attribute the owner does not have can be patched too: the wrapper is given
+:data:`ABSENT` as the original, and the attribute is deleted again when the last listener
+leaves.
 
 Example:
     >>> import types
@@ -31,6 +34,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+#: The original given to a wrapper of an attribute that the owner does not have.
+ABSENT: Any = object()
 #: Builds the wrapper from the original and a function that notifies every listener.
 Wrapper = Callable[[Callable[..., Any], Callable[..., None]], Callable[..., Any]]
 
@@ -60,7 +65,7 @@ class Patch:
     def subscribe(self, listener: Callable[..., None]) -> None:
         """Add a listener; install the wrapper with the first one."""
         if self._wrapper is None:
-            original = getattr(self.owner, self.name)
+            original = getattr(self.owner, self.name, ABSENT)
             self._original = original
             self._owned = self.name in vars(self.owner)  # else inherited (torch.Tensor.numpy)
             self._generation += 1
@@ -71,7 +76,7 @@ class Patch:
                     self._notify(*args)  # an old wrapper left in place by someone else stays inert
 
             wrapper = self.wrap(original, notify)
-            if callable(original):
+            if callable(original) and callable(wrapper) and not isinstance(wrapper, type):  # a class keeps its own name
                 wrapper = functools.wraps(original)(wrapper)
             self._wrapper = wrapper
             setattr(self.owner, self.name, wrapper)
