@@ -12,9 +12,14 @@ It runs, on ``cuda:0``:
    synchronisation warning.
 2. **GG101 on the GPU.** The same loop without ``zero_grad()``: found through the
    device-side flag, read once the GPU has produced it.
-3. **GG301 on CUDA memory.** A dict that keeps an 8 MiB CUDA tensor per step: found on the
+3. **GG101 for updates through ``.data``, and GG102.** A loop with no optimizer that
+   updates ``p.data`` and never resets: found through the fingerprint flags, with no
+   synchronisation; the same loop with ``model.zero_grad()`` or ``p.grad.data.zero_()``
+   reports nothing. ``loss.backward(); opt.zero_grad(); opt.step()``: GG102, with no
+   synchronisation.
+4. **GG301 on CUDA memory.** A dict that keeps an 8 MiB CUDA tensor per step: found on the
    CUDA allocator's counters, with the allocation site recorded while confirming.
-4. **Cost per step on the GPU.** ``benchmarks/scaling.py`` with ``--device cuda``.
+5. **Cost per step on the GPU.** ``benchmarks/scaling.py`` with ``--device cuda``.
 
 Each check prints one line; the summary says which passed. Without a GPU it exits 2.
 """
@@ -111,6 +116,56 @@ def check_gg101() -> dict[str, Any]:
     return {"ok": codes == ["GG101"], "codes": codes, "count": guard.findings[0].count if codes else 0}
 
 
+def _data_loop(model: nn.Module, reset: str) -> None:
+    x = torch.randn(64, 256, device="cuda")
+    y = torch.randn(64, 1, device="cuda")
+    for _ in range(STEPS):
+        if reset == "model.zero_grad":
+            model.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        for p in model.parameters():
+            p.data.add_(p.grad, alpha=-1e-4)
+            if reset == "grad.data.zero_":
+                p.grad.data.zero_()
+
+
+def check_gg101_data() -> dict[str, Any]:
+    found: dict[str, list[str]] = {}
+    for reset in ("none", "model.zero_grad", "grad.data.zero_"):
+        model = _model()
+        torch.cuda.synchronize()
+        guard = gradguard.Guard(model, policy="collect").attach()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _data_loop(model, reset)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            guard.detach()
+        found[reset] = [f"{f.code} {f.where} {f.data.get('through')}" for f in guard.findings]
+    names = [name for name, _ in _model().named_parameters()]
+    ok = found["none"] == [f"GG101 {n} .data" for n in names] and not found["model.zero_grad"]
+    return {"ok": ok and not found["grad.data.zero_"], "findings": found}
+
+
+def check_gg102() -> dict[str, Any]:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    x = torch.randn(64, 256, device="cuda")
+    torch.cuda.synchronize()
+    guard = gradguard.Guard(model, opt, policy="collect").attach()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(STEPS):
+            model(x).pow(2).mean().backward()
+            opt.zero_grad(set_to_none=False)
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        guard.detach()
+    codes = [f.code for f in guard.findings]
+    return {"ok": codes == ["GG102"], "codes": codes, "count": guard.findings[0].count if codes else 0}
+
+
 def check_gg301() -> dict[str, Any]:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -155,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     checks: dict[str, Callable[[], dict[str, Any]]] = {
         "no_sync": check_no_sync,
         "gg101": check_gg101,
+        "gg101_data": check_gg101_data,
+        "gg102": check_gg102,
         "gg301": check_gg301,
         "scaling": lambda: check_scaling(args),
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 RULES: dict[str, str] = {
     "GG000": "internal-error",
     "GG101": "missing-zero-grad",
+    "GG102": "zero-grad-before-step",
     "GG201": "graph-retained",
     "GG301": "memory-growth",
     "GG401": "requires-grad-typo",
@@ -16,6 +17,7 @@ RULES: dict[str, str] = {
     "GG403": "param-not-in-optimizer",
     "GG404": "frozen-norm-stats-updating",
     "GG405": "param-without-grad",
+    "GG406": "optimizer-updates-nothing",
     "GG501": "numpy-alias-mutated",
     "GG601": "accumulation-batchnorm",
 }

@@ -162,6 +162,17 @@ def _gg405(how, bug):
     return guard
 
 
+def _gg406(how, bug):
+    model = Head()
+    model.backbone.requires_grad_(False)
+    model.backbone.eval()
+    opt = torch.optim.SGD(model.backbone.parameters() if bug else [*model.fc.parameters(), model.scale], lr=0.01)
+    call = _compiled(model, how)
+    with gradguard.Guard(call, opt, policy="collect") as guard:
+        _train(model, call, opt)
+    return guard
+
+
 def _gg501(how, bug):
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -206,6 +217,7 @@ LOOPS = {
     "GG403": _gg403,
     "GG404": _gg404,
     "GG405": _gg405,
+    "GG406": _gg406,
     "GG501": _gg501,
 }
 

@@ -42,6 +42,7 @@ def test_reserved_codes_are_the_public_contract():
     assert {
         "GG000": "internal-error",
         "GG101": "missing-zero-grad",
+        "GG102": "zero-grad-before-step",
         "GG201": "graph-retained",
         "GG301": "memory-growth",
         "GG401": "requires-grad-typo",
@@ -49,6 +50,7 @@ def test_reserved_codes_are_the_public_contract():
         "GG403": "param-not-in-optimizer",
         "GG404": "frozen-norm-stats-updating",
         "GG405": "param-without-grad",
+        "GG406": "optimizer-updates-nothing",
         "GG501": "numpy-alias-mutated",
     } | {code: name for code, name in RULES.items() if code >= "GG6"} == RULES
 

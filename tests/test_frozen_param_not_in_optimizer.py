@@ -51,6 +51,29 @@ def test_head_replaced_after_the_optimizer_is_flagged():
     assert f.data["optimizers"] == ["SGD"]
 
 
+def test_a_layer_replaced_under_the_guard_is_one_gg403_naming_the_old_tensors_by_their_path():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradguard.Guard(model, opt, policy="collect") as guard:
+        model.fc = nn.Linear(8, 2)  # the guard records the old fc's names before it goes
+        train(model, [opt], steps=25)  # past GG405's window: the old tensors get no gradient, but are GG403's
+    assert [f.code for f in guard.findings] == ["GG403"]
+    f = guard.findings[0]
+    assert f.where == "fc.weight, fc.bias"
+    assert f.data["replaced"] == ["fc.weight", "fc.bias"]
+    assert f.message.endswith("no longer in the model, of the layer(s) replaced: fc.weight, fc.bias")
+
+
+def test_a_layer_replaced_before_the_guard_is_one_gg403():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.fc = nn.Linear(8, 2)
+    with gradguard.Guard(model, opt, policy="collect") as guard:
+        train(model, [opt], steps=25)
+    assert [(f.code, f.where) for f in guard.findings] == [("GG403", "fc.weight, fc.bias")]
+    assert len(guard.findings[0].data["replaced"]) == 2  # unnamed: the guard never saw them in the model
+
+
 def test_parameters_of_an_unwatched_optimizer_are_not_flagged():
     # the guard knows only one optimizer; the head's own optimizer updates it
     model = make_model()
@@ -108,3 +131,4 @@ def test_head_replaced_through_gradguard_run(write_script, run_cli, tmp_path):
     assert found[0]["where"] == "2.weight, 2.bias"
     assert found[0]["location"]["file"] == "train.py"
     assert found[0]["location"]["line"] == 12
+    assert found[0]["data"]["replaced"] == ["2.weight", "2.bias"]  # named before the model was first called

@@ -100,6 +100,14 @@ def test_lbfgs_closure_without_zero_grad_is_flagged():
     assert "closure" in finding.hint
 
 
+def _for_every_parameter(guard):
+    """The findings, each GG101, together naming every parameter of the tiny model once."""
+    assert {f.code for f in guard.findings} == {"GG101"}
+    names = [n for f in guard.findings for n in f.data["parameters"]]
+    assert sorted(names) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    return guard.findings
+
+
 def test_hand_written_sgd_without_reset_is_flagged():
     model, (x, y) = tiny_model(), tiny_data()
     with gradguard.Guard(model, policy="collect") as guard:
@@ -108,10 +116,9 @@ def test_hand_written_sgd_without_reset_is_flagged():
             with torch.no_grad():
                 for p in model.parameters():
                     p -= 0.01 * p.grad
-    assert [f.code for f in guard.findings] == ["GG101"] * 4  # one finding per parameter
-    assert {f.where for f in guard.findings} == {"0.weight", "0.bias", "2.weight", "2.bias"}
-    assert all(f.location.line == line_of("# <- hand-written backward") for f in guard.findings)
-    assert all(f.count == STEPS - 1 for f in guard.findings)
+    (finding,) = _for_every_parameter(guard)  # one mistake, one finding
+    assert finding.location.line == line_of("# <- hand-written backward")
+    assert finding.count == STEPS - 1
 
 
 def test_generator_backward_into_discriminator_without_its_reset_is_flagged():
@@ -251,6 +258,188 @@ def test_hand_written_sgd_with_reset_reports_nothing(reset):
                     else:
                         p.grad.zero_()
     assert guard.findings == []
+
+
+# ----------------------------------------------------------------------- updates through .data
+
+DATA_STEPS = 6  # the third update in a row through .data with no reset is reported, then each one after it
+DATA_UPDATES = {
+    "p.data.add_": lambda p, lr: p.data.add_(p.grad, alpha=-lr),
+    "w.data.sub_": lambda p, lr: p.data.sub_(lr * p.grad.data),
+    "p.data =": lambda p, lr: setattr(p, "data", p.data - lr * p.grad),
+}
+DATA_RESETS = {
+    "model.zero_grad before backward": lambda model: model.zero_grad(),
+    "grad = None after update": lambda model: [setattr(p, "grad", None) for p in model.parameters()],
+    "grad.zero_ after update": lambda model: [p.grad.zero_() for p in model.parameters()],
+    "grad.data.zero_ after update": lambda model: [p.grad.data.zero_() for p in model.parameters()],
+}
+
+
+@pytest.mark.parametrize("update", list(DATA_UPDATES))
+def test_updates_through_data_without_reset_are_flagged_at_the_backward_line(update):
+    model, (x, y) = tiny_model(), tiny_data()
+    with gradguard.Guard(model, policy="collect") as guard:
+        for _ in range(DATA_STEPS):
+            _loss(model, x, y).backward()  # <- backward into gradients never reset
+            for p in model.parameters():
+                DATA_UPDATES[update](p, 0.01)
+    for finding in _for_every_parameter(guard):
+        assert same_file(finding.location.file, __file__)
+        assert finding.location.line == line_of("# <- backward into gradients never reset")
+        assert finding.count == DATA_STEPS - 3  # backward() calls 4, 5 and 6
+        assert finding.data["through"] == ".data"
+        assert finding.data["optimizer"] is None
+        assert "p.grad = None" in finding.hint
+
+
+def test_update_through_detach_without_reset_is_flagged():
+    model, (x, y) = tiny_model(), tiny_data()
+    with gradguard.Guard(model, policy="collect") as guard:
+        for _ in range(STEPS):
+            _loss(model, x, y).backward()  # <- backward before a detach() update
+            for p in model.parameters():
+                p.detach().sub_(0.01 * p.grad)  # shares the parameter's version counter
+    (finding,) = _for_every_parameter(guard)
+    assert finding.location.line == line_of("# <- backward before a detach() update")
+
+
+class _WordModel(nn.Module):
+    """The shape of pytorch/examples' word-language model: embedding, LSTM, decoder."""
+
+    def __init__(self, tokens=12, hidden=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Embedding(tokens, hidden)
+        self.rnn = nn.LSTM(hidden, hidden)
+        self.decoder = nn.Linear(hidden, tokens)
+
+    def forward(self, tokens, state):
+        out, state = self.rnn(self.encoder(tokens), state)
+        return self.decoder(out), state
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_word_language_model_loop_with_tbptt_and_clipping(reset):
+    model = _WordModel()
+    data = torch.randint(0, 12, (5 * 4 + 1, 2), generator=torch.Generator().manual_seed(0))
+    with gradguard.Guard(model, policy="collect") as guard:
+        state = (torch.zeros(1, 2, 6), torch.zeros(1, 2, 6))
+        for i in range(0, 5 * 4, 4):  # truncated backpropagation through time, 4 tokens at a time
+            state = tuple(s.detach() for s in state)
+            if reset:
+                model.zero_grad()
+            out, state = model(data[i : i + 4], state)
+            loss = nn.functional.cross_entropy(out.reshape(-1, 12), data[i + 1 : i + 5].reshape(-1))
+            loss.backward()  # <- word model backward
+            nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-0.5)
+    if reset:
+        assert guard.findings == []
+        return
+    (finding,) = guard.findings  # one mistake, one finding, naming every parameter
+    assert finding.code == "GG101"
+    assert set(finding.data["parameters"]) == {name for name, _ in model.named_parameters()}
+    assert finding.location.line == line_of("# <- word model backward")
+    assert finding.count == 2
+
+
+class _LateEvent:
+    """A device event that completes only after a few queries, as a busy GPU's would."""
+
+    def __init__(self, queries):
+        self.queries = queries
+
+    def query(self):
+        self.queries -= 1
+        return self.queries < 0
+
+    def synchronize(self):
+        self.queries = -1
+
+
+@pytest.mark.parametrize("backwards", [4, DATA_STEPS + 4])
+def test_updates_through_data_are_found_when_the_device_answers_late(monkeypatch, backwards):
+    from gradguard.introspect import device
+
+    def late_flag(value):
+        flag = device.DeviceFlag.__new__(device.DeviceFlag)
+        flag.host, flag.event = value.reshape(()).clone(), _LateEvent(3)
+        return flag
+
+    monkeypatch.setattr(device, "flag", late_flag)
+    model, (x, y) = tiny_model(), tiny_data()
+    with gradguard.Guard(model, policy="collect") as guard:
+        for _ in range(backwards):
+            _loss(model, x, y).backward()  # <- backward, answered later
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-0.01)
+    (finding,) = _for_every_parameter(guard)
+    assert finding.location.line == line_of("# <- backward, answered later")
+    assert finding.count == backwards - 3  # at the end of the run, the rest is waited for
+
+
+@pytest.mark.parametrize("reset", list(DATA_RESETS))
+def test_updates_through_data_with_a_reset_report_nothing(reset):
+    model, (x, y) = tiny_model(), tiny_data()
+    with gradguard.Guard(model, policy="collect") as guard:
+        for _ in range(DATA_STEPS):
+            if reset.endswith("before backward"):
+                DATA_RESETS[reset](model)
+            _loss(model, x, y).backward()
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-0.01)
+            if reset.endswith("after update"):
+                DATA_RESETS[reset](model)
+    assert guard.findings == []
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_hand_written_accumulation_through_data(reset):
+    model, (x, y) = tiny_model(), tiny_data(24)
+    with gradguard.Guard(model, policy="collect") as guard:
+        for i, (xb, yb) in enumerate(zip(x.split(2), y.split(2), strict=True)):
+            (_loss(model, xb, yb) / 3).backward()  # <- micro-batch backward
+            if (i + 1) % 3 == 0:
+                for p in model.parameters():
+                    p.data.add_(p.grad, alpha=-0.01)
+                    if reset:
+                        p.grad = None
+    if reset:
+        assert guard.findings == []
+    else:  # windows 2, 3 and 4 each start on the gradient of the windows before
+        (finding,) = _for_every_parameter(guard)
+        assert finding.location.line == line_of("# <- micro-batch backward")
+
+
+def test_a_loop_that_only_evaluates_reports_nothing():
+    model, (x, y) = tiny_model(), tiny_data()
+    with gradguard.Guard(model, policy="collect") as guard:
+        _loss(model, x, y).backward()  # gradients left from some earlier work
+        with torch.no_grad():
+            for _ in range(DATA_STEPS):
+                _loss(model, x, y)
+                for p in model.parameters():
+                    p.data.mul_(0.5)  # changed, but no backward() follows
+    assert guard.findings == []
+
+
+def test_updates_through_data_after_the_warm_up_on_a_model_larger_than_the_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)])  # 12 tensors, 4 looked at per backward()
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    with gradguard.Guard(model, policy="collect") as guard:
+        for i in range(120):
+            if i < 40:
+                model.zero_grad()  # correct during the warm-up, then the reset is dropped
+            _loss(model, x, y).backward()  # <- backward after the warm-up
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-1e-3)
+    assert guard.findings
+    assert {f.code for f in guard.findings} == {"GG101"}
+    assert {f.location.line for f in guard.findings} == {line_of("# <- backward after the warm-up")}
+    assert all(f.step == 0 and f.data["through"] == ".data" for f in guard.findings)
 
 
 # ----------------------------------------------------------------------- interfaces

@@ -12,14 +12,17 @@ from gradguard.detectors.graph_retained import GraphRetained
 from gradguard.detectors.memory_growth import MemoryGrowth
 from gradguard.detectors.missing_zero_grad import MissingZeroGrad
 from gradguard.detectors.numpy_alias import NumpyAliasMutated
+from gradguard.detectors.optimizer_updates_nothing import OptimizerUpdatesNothing
 from gradguard.detectors.param_not_in_optimizer import ParamNotInOptimizer
 from gradguard.detectors.param_without_grad import ParamWithoutGrad
 from gradguard.detectors.requires_grad_typo import RequiresGradTypo
+from gradguard.detectors.zero_grad_before_step import ZeroGradBeforeStep
 from gradguard.errors import ConfigurationError
 from gradguard.rules import RULES, resolve
 
 DETECTORS: tuple[type[Detector], ...] = (
     MissingZeroGrad,
+    ZeroGradBeforeStep,
     GraphRetained,
     MemoryGrowth,
     RequiresGradTypo,
@@ -27,6 +30,7 @@ DETECTORS: tuple[type[Detector], ...] = (
     ParamNotInOptimizer,
     FrozenNormStats,
     ParamWithoutGrad,
+    OptimizerUpdatesNothing,
     NumpyAliasMutated,
     AccumulationBatchNorm,
 )
@@ -44,9 +48,11 @@ __all__ = [
     "MemoryGrowth",
     "MissingZeroGrad",
     "NumpyAliasMutated",
+    "OptimizerUpdatesNothing",
     "ParamNotInOptimizer",
     "ParamWithoutGrad",
     "RequiresGradTypo",
+    "ZeroGradBeforeStep",
     "detector_class",
     "make_detectors",
 ]

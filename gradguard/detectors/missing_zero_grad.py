@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from gradguard.detector import Detector, Findings, on
 from gradguard.events import BackwardPost, BackwardPre, Close, StepPost, StepPre
-from gradguard.findings import Finding, Location, format_names
-from gradguard.gradients import GradRecord, param_lists
+from gradguard.findings import Finding, Location, Revision, format_names
+from gradguard.gradients import DataUpdates, GradRecord, param_lists
 from gradguard.introspect import device
 from gradguard.introspect.frames import user_frame, user_location
 from gradguard.introspect.naming import name_in_frame
 from gradguard.sampling import Rotation
+
+_HAND_WRITTEN_HINT = "Reset the gradient after each hand-written update: p.grad = None (or p.grad.zero_())"
 
 
 class MissingZeroGrad(Detector):
@@ -26,7 +30,9 @@ class MissingZeroGrad(Detector):
     optimizer step, and reports an update that uses a gradient which an earlier update
     already consumed and nothing reset since. It covers optimizer steps, each inner update
     of LBFGS (which calls the closure several times inside one ``step()``), and
-    hand-written updates such as ``p -= lr * p.grad`` with no optimizer at all.
+    hand-written updates with no optimizer: ``p -= lr * p.grad`` under ``no_grad``, and the
+    ``p.data.add_(p.grad, alpha=-lr)`` of older code (at the ``backward()`` line, once
+    ``backward()`` has added to the same gradient after three such updates in a row).
 
     **Why it matters.** Training does not fail: the effective gradient is a running sum
     of every past gradient, so the update grows step after step, the loss oscillates or
@@ -55,7 +61,9 @@ class MissingZeroGrad(Detector):
     gradient is suspected is it checked for non-zero values, to tell it from one cleared
     with ``.grad.data.zero_()`` (which bumps no counter); on a GPU this check never waits.
     A gradient changed in place between the last update and the next ``backward()`` by
-    anything but ``backward()`` counts as reset.
+    anything but ``backward()`` counts as reset. An update through ``.data`` moves no version
+    counter: eight values of each of eight watched parameters are copied after ``backward()``
+    and compared on the device before the next, with the gradient's (a reset leaves zeros).
     """
 
     code = "GG101"
@@ -75,8 +83,10 @@ class MissingZeroGrad(Detector):
         self._orphans = Rotation(self.run.budget)
         self._orphan_structure = -1
         self._orphan_params: list[torch.Tensor] = []
+        self._data = DataUpdates()  # hand-written updates through .data: no version counter moves
 
     def teardown(self) -> None:
+        self._data.clear()
         self._records.clear()
         self._watch.clear()
         self._pending.clear()
@@ -124,6 +134,8 @@ class MissingZeroGrad(Detector):
                 self._sample(id(optimizer), self._rotation(optimizer).select(param_lists(optimizer), 0), consumed=False)
         if not self.run.step and 0 not in self._watch:
             self._sample(0, self._orphan_sample(), consumed=False)
+        if self._data.check(self._watch.get(0, ()), self.run.backwards):
+            self._data.locate(user_location())
         for rec, param in self._watched():
             grad = param.grad
             unchanged = rec.unchanged(grad)
@@ -132,11 +144,11 @@ class MissingZeroGrad(Detector):
             rec.suspect = unchanged and (rec.consumed or param._version != rec.param_version)
             if rec.suspect and grad is not None and not rec.tainted:
                 rec.pending = device.holds_values(grad)  # zeroed through .data leaves no version trace
-        return None
+        return [self._data_finding(rec, location) for rec, location in self._data.resolve(wait=False)]
 
     @on(BackwardPost)
     def _after_backward(self, event: BackwardPost) -> Findings:
-        out: list[Finding] = []
+        out: list[Finding | Revision] = []
         for rec, param in self._watched():
             grad = param.grad
             if rec.unchanged(grad):
@@ -155,6 +167,7 @@ class MissingZeroGrad(Detector):
             rec.seen(param, grad, consumed=False)
         if 0 in self._watch and not self.run.step:
             self._sample(0, self._orphan_sample(), consumed=False)
+            self._data.snap(self._watch[0], self.run.backwards)
         return out
 
     @on(StepPre)
@@ -170,6 +183,7 @@ class MissingZeroGrad(Detector):
         ticks = self.run.optimizer_steps(optimizer)
         self._sample(id(optimizer), self._rotation(optimizer).select(param_lists(optimizer), ticks), consumed=True)
         self._watch.pop(0, None)
+        self._orphan_params, self._orphan_structure = [], -1  # hand-written updates are watched before any step only
         return out
 
     def _watched(self) -> Iterator[tuple[GradRecord, torch.Tensor]]:
@@ -187,7 +201,8 @@ class MissingZeroGrad(Detector):
 
     @on(Close)
     def _close(self, event: Close) -> Findings:
-        return self._drain(final=True)
+        data = [self._data_finding(rec, location) for rec, location in self._data.resolve(wait=True)]
+        return self._drain(final=True) + data
 
     # ---------------------------------------------------------------- reporting
     def _report(self, optimizer: torch.optim.Optimizer, *, during_step: bool) -> list[Finding]:
@@ -256,19 +271,57 @@ class MissingZeroGrad(Detector):
             data={"optimizer": opt_name, "parameters": names[:100], "num_parameters": len(names)},
         )
 
-    def _orphan(self, rec: GradRecord) -> list[Finding]:
+    def _orphan(self, rec: GradRecord) -> list[Finding | Revision]:
         value = device.resolve(rec.pending, wait=False)
         rec.pending = None
         if not value:
             return []  # zeroed through .data, or cannot be told without waiting: stay silent
         self.flagged_updates += 1
-        return [
-            self.finding(
-                f"backward() adds to the gradient of {rec.name}, which the last update of that "
-                "parameter already applied and nothing reset since: the next update applies it again",
-                where=rec.name,
-                location=user_location(),
-                hint="Reset the gradient after each hand-written update: p.grad = None (or p.grad.zero_())",
-                data={"parameters": [rec.name], "optimizer": None},
+        location = user_location()
+
+        def build(names: list[str]) -> Finding:
+            return self.finding(
+                f"backward() adds to the gradient of {format_names(names)}, which the last update of "
+                "that parameter already applied and nothing reset since: the next update applies it again",
+                where=format_names(names),
+                location=location,
+                hint=_HAND_WRITTEN_HINT,
+                data={"parameters": names[:100], "num_parameters": len(names), "optimizer": None},
             )
-        ]
+
+        return [self._grow(("by hand", _site(location)), rec.name, build)]
+
+    def _data_finding(self, rec: GradRecord, location: Location | None) -> Finding | Revision:
+        """One finding per ``backward()`` line, naming more parameters as the sample finds them."""
+        self.flagged_updates += 1
+        streak = rec.streak
+
+        def build(names: list[str]) -> Finding:
+            return self.finding(
+                f"backward() adds to the gradient of {format_names(names)}, which was not reset though the "
+                f"parameter changed since the last backward(), {streak} times in a row: each update through "
+                ".data (which no version counter shows) applies the sum of every earlier gradient",
+                where=format_names(names),
+                location=location,
+                hint=_HAND_WRITTEN_HINT,
+                data={
+                    "parameters": names[:100],
+                    "num_parameters": len(names),
+                    "optimizer": None,
+                    "updates_in_a_row": streak,
+                    "through": ".data",
+                },
+            )
+
+        return self._grow((".data", _site(location)), rec.name, build)
+
+    def _grow(self, key: Any, name: str, build: Callable[[list[str]], Finding]) -> Finding | Revision:
+        """One finding per line for every parameter of a hand-written loop, counted once per backward()."""
+        known = self._grown.get(key)
+        if known is not None and known[1][0] == name:
+            return dataclasses.replace(known[0], count=1)  # seen again: one more time, not one more finding
+        return self.grow(key, [name], build)
+
+
+def _site(location: Location | None) -> tuple[str, int] | None:
+    return None if location is None else (location.file, location.line)

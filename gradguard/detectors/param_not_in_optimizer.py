@@ -7,14 +7,17 @@ import weakref
 import torch
 
 from gradguard.detector import Detector, Findings, on
-from gradguard.events import Close, StepPre
+from gradguard.events import Close, StepPost, StepPre
 from gradguard.findings import Finding, Revision, format_names
+from gradguard.holdings import CONFIRM, GradientSeen, held, left_behind, updates_nothing
 from gradguard.introspect.frames import user_location
 from gradguard.sampling import Rotation
 
 #: Steps a suspect must stay unowned and unchanged before it is reported. Gives every
 #: optimizer of the run (found at its first step() under ``gradguard run``) time to show.
 _CONFIRM_STEPS = 2
+#: Steps of an optimizer within which it is known whether it updates nothing (GG406's, which names these parameters).
+_DECIDE_WITHIN = 4 * CONFIRM + 4
 
 
 class _Suspect:
@@ -57,6 +60,14 @@ class ParamNotInOptimizer(Detector):
         model.fc = torch.nn.Linear(512, 10)   # GG403: the new fc is not in opt
         # fix: create the optimizer after replacing the layer
 
+    **One finding per mistake.** The tensors of the replaced layer that the optimizer still
+    holds get no gradient any more: this finding names them, by their old module paths
+    when the layer was replaced under the guard, and neither GG405 param-without-grad nor
+    GG406 optimizer-updates-nothing reports them. While an optimizer of the run updates
+    nothing (none of its tensors ever gets a gradient: it was made from a frozen backbone
+    instead of the head), the head's parameters are not reported here: GG406
+    optimizer-updates-nothing reports that optimizer and names them.
+
     **Limitations.** A parameter updated only through ``p.data`` (which bumps no version
     counter) while optimizers update the others looks un-updated and is reported.
     """
@@ -67,7 +78,7 @@ class ParamNotInOptimizer(Detector):
         "Create the optimizer after the model is final, or optimizer.add_param_group({'params': [...]}); "
         "if they are not meant to train, freeze them with requires_grad_(False)"
     )
-    consumes = (StepPre, Close)
+    consumes = (StepPre, StepPost, Close)
     every = 4
     state_fields = ("flagged",)
 
@@ -77,6 +88,8 @@ class ParamNotInOptimizer(Detector):
         self._reported: set[int] = set()
         self._checked_step = -1
         self._rotation = Rotation(self.run.budget.wide())
+        self._seen = GradientSeen()
+        self._left: list[str] | None = None  # old names of the replaced tensors the optimizers still hold
 
     def teardown(self) -> None:
         self._suspects.clear()
@@ -92,7 +105,7 @@ class ParamNotInOptimizer(Detector):
         optimizers = run.optimizers()
         if not optimizers:
             return None
-        confirmed: list[str] = []
+        confirmed: list[tuple[int, str]] = []
         for name, p in self._rotation.select([run.named_parameters()], step + 1):
             if p.grad is None or not p.requires_grad:
                 continue
@@ -103,15 +116,40 @@ class ParamNotInOptimizer(Detector):
             if sus is None or sus.ref() is not p or p._version != sus.version:
                 self._suspects[key] = _Suspect(p, name, step)
             elif step - sus.step >= _CONFIRM_STEPS:
-                confirmed.append(name)
-                self._reported.add(key)
-                del self._suspects[key]
+                confirmed.append((key, name))
         if len(self._suspects) > 10_000:
             self._suspects = {k: s for k, s in self._suspects.items() if s.ref() is not None}
         if not confirmed:
             return None
-        self.flagged.extend(confirmed)
-        return [self._finding(confirmed, optimizers)]
+        idle = self._idle(optimizers)
+        if idle is None:
+            return None  # an optimizer may update nothing: known within a few of its steps
+        for key, _ in confirmed:
+            self._reported.add(key)
+            del self._suspects[key]
+        if idle:
+            return None  # an optimizer updates nothing: GG406's finding names these parameters
+        names = [name for _, name in confirmed]
+        self.flagged.extend(names)
+        return [self._finding(names, optimizers)]
+
+    @on(StepPost)
+    def _after_step(self, event: StepPost) -> Findings:
+        self._seen.look(event.optimizer)  # nothing once one of its tensors had a gradient
+        return None
+
+    def _idle(self, optimizers: list[torch.optim.Optimizer]) -> bool | None:
+        """Whether an optimizer of the run updates nothing (see holdings); ``None`` while not yet known."""
+        waiting = False
+        for opt in optimizers:
+            steps = self.run.optimizer_steps(opt)
+            if steps == 0:
+                continue  # not stepped yet: says nothing
+            if updates_nothing(self.run, self._seen, opt):
+                return True
+            if self._seen.undecided(opt) and steps <= _DECIDE_WITHIN:
+                waiting = True
+        return None if waiting else False
 
     @on(Close)
     def _close(self, event: Close) -> Findings:
@@ -120,13 +158,23 @@ class ParamNotInOptimizer(Detector):
 
     def _finding(self, names: list[str], optimizers: list[torch.optim.Optimizer]) -> Finding | Revision:
         opts = [type(o).__name__ for o in optimizers]
+        if self._left is None:
+            run = self.run
+            self._left = [run.param_name(p) for p in left_behind(run, [p for o in optimizers for p in held(o)])]
+        left = self._left
 
         def build(names: list[str]) -> Finding:
             message = (
                 f"{len(names)} parameter(s) receive gradients but belong to no optimizer "
                 f"({', '.join(opts)}) and nothing updates them: {format_names(names)}"
             )
+            if left:
+                message += (
+                    f"; the optimizers still hold {len(left)} tensor(s) no longer in the model, of the layer(s) "
+                    f"replaced: {format_names(left)}"
+                )
             data = {"parameters": names[:100], "num_parameters": len(names), "optimizers": opts}
+            data["replaced"] = left[:100]
             return self.finding(message, where=format_names(names), location=user_location(), data=data)
 
         return self.grow("unowned", names, build)

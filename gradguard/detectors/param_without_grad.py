@@ -12,6 +12,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 from gradguard.detector import Detector, Findings, on
 from gradguard.events import BackwardPost, BackwardPre, Close, ModelAdded, StepPre
 from gradguard.findings import Finding, Revision, format_names
+from gradguard.holdings import GradientSeen, left_behind, updates_nothing
 from gradguard.introspect.frames import user_location
 from gradguard.sampling import Rotation
 
@@ -70,6 +71,11 @@ class ParamWithoutGrad(Detector):
             return x @ self.weight.detach().T + self.bias   # GG405: weight never learns
         # fix: return x @ self.weight.T + self.bias
 
+    **One finding per mistake.** The tensors of a layer replaced after the optimizer was
+    made get no gradient either, but they are GG403 param-not-in-optimizer's finding, which
+    names the new layer; and an optimizer none of whose tensors ever gets a gradient is
+    GG406 optimizer-updates-nothing's, which names the optimizer. Neither is reported here.
+
     **Report.** When a model becomes known, the counts of trainable and frozen parameters
     of each of its top-level modules go into the report, under ``detectors["GG405"]``.
     """
@@ -93,6 +99,7 @@ class ParamWithoutGrad(Detector):
         self._reported: set[int] = set()
         self._watch: dict[int, list[_Record]] = {}  # by optimizer: looked at around each backward()
         self._rotations: dict[int, Rotation] = {}
+        self._seen = GradientSeen()
         budget = self.run.budget
         # each sample stays for `window` steps in a row (no sweep interrupts it), so take more at once
         self._budget = (
@@ -137,11 +144,12 @@ class ParamWithoutGrad(Detector):
     @on(StepPre)
     def _before_step(self, event: StepPre) -> Findings:
         optimizer = event.optimizer
+        self._seen.look(optimizer)  # nothing once one of its tensors had a gradient
         tick = self.run.optimizer_steps(optimizer) + 1
         rotation = self._rotations.get(id(optimizer))
         if rotation is None:
             rotation = self._rotations[id(optimizer)] = Rotation(self._budget, dwell=self.window)
-        missing: list[str] = []
+        missing: list[tuple[_Record, torch.Tensor]] = []
         watched: list[_Record] = []
         reused = False
         records = self._records
@@ -164,7 +172,7 @@ class ParamWithoutGrad(Detector):
             rec.missed = rec.missed + 1 if continuous else 1
             if rec.missed >= self.window and id(p) not in self._reported:
                 self._reported.add(id(p))
-                missing.append(rec.name)
+                missing.append((rec, p))
         self._watch[id(optimizer)] = watched
         # backward() need only be watched for .grad tensors kept from step to step (zeroed in place)
         self.listen(BackwardPre, reused)
@@ -173,8 +181,11 @@ class ParamWithoutGrad(Detector):
             self._records = {k: r for k, r in records.items() if r.ref() is not None}
         if not missing:
             return None
-        self.flagged.extend(missing)
-        return [self._finding(optimizer, missing)]
+        names = self._own(optimizer, missing)
+        if not names:
+            return None
+        self.flagged.extend(names)
+        return [self._finding(optimizer, names)]
 
     @on(Close)
     def _close(self, event: Close) -> Findings:
@@ -184,6 +195,13 @@ class ParamWithoutGrad(Detector):
 
     def report(self) -> dict[str, Any] | None:
         return {"parameters": self.summary} if self.summary else None
+
+    def _own(self, optimizer: torch.optim.Optimizer, missing: list[tuple[_Record, torch.Tensor]]) -> list[str]:
+        """The names of the missing parameters that are this rule's, not GG406's or GG403's (see holdings)."""
+        if updates_nothing(self.run, self._seen, optimizer):
+            return []  # no tensor of this optimizer ever gets a gradient: GG406 reports the optimizer
+        gone = {id(p) for p in left_behind(self.run, [p for _, p in missing])}
+        return [self.run.param_name(p) for _, p in missing if id(p) not in gone]  # a replaced layer's: GG403's
 
     def _outside_models(self, names: list[str]) -> int:
         """How many of the named parameters are in no watched model (replaced layers)."""

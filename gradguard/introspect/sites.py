@@ -211,6 +211,31 @@ def attribute_sites(code: CodeType, attr: str) -> Sites:
     return _cached(code, attr, attribute=True)
 
 
+def call_sites(code: CodeType, callee: str) -> list[int]:
+    """The lines of the function (or module) of ``code`` that call ``callee(...)`` or ``<x>.callee(...)``.
+
+    >>> import sys, torch
+    >>> def make():
+    ...     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    ...     return sys._getframe().f_code
+    >>> code = make()
+    >>> call_sites(code, "SGD") == [code.co_firstlineno + 1], call_sites(code, "Adam")
+    (True, [])
+    """
+    scope = scope_node(code)
+    if scope is None:
+        return []
+    lines: list[int] = []
+    for node in _nodes(scope, nested=isinstance(scope, ast.Module)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if (isinstance(func, ast.Name) and func.id == callee) or (
+                isinstance(func, ast.Attribute) and func.attr == callee
+            ):
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
 def _cached(code: CodeType, name: str, *, attribute: bool) -> Sites:
     key = (code, name, attribute)
     sites = _CACHE.get(key)
