@@ -31,6 +31,7 @@ class Ledger:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._findings: dict[tuple[Any, ...], Finding] = {}
+        self._restored: set[tuple[Any, ...]] = set()  # from a checkpoint, not seen again in this run yet
         self.callbacks: list[Callable[[Finding], None]] = []
 
     @property
@@ -38,17 +39,26 @@ class Ledger:
         return list(self._findings.values())
 
     def record(self, finding: Finding) -> Finding | None:
-        """Merge into the findings; return the finding if it is new."""
+        """Merge into the findings; return the finding if it is new.
+
+        A finding restored from a checkpoint that happens again counts as new once: a resumed
+        run warns about what is still wrong.
+        """
         known = self._findings.get(finding.key)
         if known is not None:
-            self._findings[finding.key] = dataclasses.replace(known, count=known.count + finding.count)
+            merged = self._findings[finding.key] = dataclasses.replace(known, count=known.count + finding.count)
+            if finding.key in self._restored:
+                self._restored.discard(finding.key)
+                return merged
             return None
         self._findings[finding.key] = finding
         return finding
 
     def restore(self, finding: Finding) -> None:
         """A finding from a checkpoint: kept unless the same one is already known."""
-        self._findings.setdefault(finding.key, finding)
+        if finding.key not in self._findings:
+            self._findings[finding.key] = finding
+            self._restored.add(finding.key)
 
     def revise(self, finding: Finding, **changes: Any) -> Finding:
         """Replace a published finding by a revised one, keeping its place, first step and count."""

@@ -94,6 +94,7 @@ class FrozenNormStats(Detector):
 
     def setup(self) -> None:
         self.flagged: list[str] = []
+        self._found: set[str] = set()  # flagged in this run (a resumed run reports again what still happens)
         self._norms: dict[int, _Norm] = {}
         self._list: list[_Norm] = []
         self._structure = -1
@@ -139,7 +140,7 @@ class FrozenNormStats(Detector):
             if versions == norm.versions:
                 continue
             norm.versions = versions
-            if not module.training or norm.name in self.flagged:
+            if not module.training or norm.name in self._found:
                 norm.pending = None
                 continue  # changed through a forward in train mode that eval() since ended
             owner = norm.owner() if norm.owner is not None else None
@@ -149,7 +150,8 @@ class FrozenNormStats(Detector):
             norm.pending = frozen
         if not updated:
             return None
-        self.flagged.extend(updated)
+        self._found.update(updated)
+        self.flagged.extend(n for n in updated if n not in self.flagged)
 
         def build(names: list[str]) -> Finding:
             message = (
