@@ -154,6 +154,9 @@ def _groups_table(memory: dict[str, Any]) -> str:
             label += f" ({', '.join(flags)})"
         count = float(g.get("per_step_count", 0))
         per_step = f"+{count:.2g} tensor{'' if count == 1 else 's'}, +{_mib(g.get('per_step_bytes', 0))}"
+        if g.get("kind") == "entries":  # a container that gained entries: numpy arrays, Python objects
+            label = g.get("entry") or "entries"
+            per_step = f"+{count:.2g} entr{'y' if count == 1 else 'ies'}, +{_mib(g.get('per_step_bytes', 0))}"
         if g.get("graph_bytes"):
             per_step += f" (with {_mib(g['graph_bytes'])} of autograd graph each)"
         owners = g.get("owners") or []

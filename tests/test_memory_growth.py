@@ -1,8 +1,12 @@
 """GG301 memory-growth: leaks that grow every step are named; memory that fills and stays flat is not."""
 
 import collections
+import ctypes
+import functools
 import json
 import os
+import random
+import sys
 
 import numpy as np
 import pytest
@@ -207,6 +211,207 @@ def test_short_runs_are_never_judged():
     assert guard.findings == []
 
 
+# ------------------------------------------------------------------------- what the census explains
+@pytest.mark.parametrize("kind", ["list", "dict"])
+def test_numpy_arrays_kept_in_a_container_are_explained_by_the_census(kind):
+    # a dict of numpy arrays is one the garbage collector stops tracking: found through the variables
+    model = nn.Linear(16, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    kept = [] if kind == "list" else {}
+    with gradguard.Guard(model, opt, detectors=[MemoryGrowth], policy="collect") as guard:
+        for step in range(STEPS):
+            _train_step(model, opt, torch.randn(8, 16))
+            if kind == "list":
+                kept.append(np.ones((256, 1024)))  # leak: numpy list
+            else:
+                kept[step] = np.ones((256, 1024))  # leak: numpy dict
+    f = _only(guard)
+    assert f.severity == "warning"
+    assert f.where == "kept"
+    assert f.location.line == _line(f"# leak: numpy {kind}")
+    assert f"`kept` ({kind}, " in f.message
+    assert "gains 1 entry per step, a numpy array [256, 1024] float64 (2 MiB)" in f.message
+    assert f.data["culprits"][0]["kind"] == "entries"
+
+
+def test_python_objects_kept_in_a_list_are_explained_by_the_census():
+    model = nn.Linear(16, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    records = []
+    with gradguard.Guard(model, opt, detectors=[MemoryGrowth], policy="collect") as guard:
+        for _ in range(STEPS):
+            _train_step(model, opt, torch.randn(8, 16))
+            records.append([float(i) for i in range(40_000)])  # leak: objects
+    f = _only(guard)
+    assert f.severity == "warning"
+    assert f.where == "records"
+    assert f.location.line == _line("# leak: objects")
+    assert "`records` (list, " in f.message
+    assert "gains 1 entry per step, a list of 40000 float (1." in f.message
+
+
+@pytest.fixture
+def native_memory():
+    """Memory that no Python object holds (what a C extension or the allocator itself keeps)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("allocates through glibc")
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = []
+
+    def grab(nbytes):
+        block = libc.malloc(nbytes)
+        ctypes.memset(block, 1, nbytes)
+        blocks.append(block)
+
+    yield grab
+    for block in blocks:
+        libc.free(block)
+
+
+def _severities(guard):
+    """Every severity a GG301 finding had, in order: as published, then as revised."""
+    seen = []
+    guard.finding_callbacks.append(lambda f: seen.append(f.severity.value) if f.code == "GG301" else None)
+    return seen
+
+
+def test_growth_nothing_explains_is_info_and_stays_info_once_it_levels_off(native_memory):
+    model = nn.Linear(16, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradguard.Guard(model, opt, detectors=[MemoryGrowth], policy="warn") as guard:
+        seen = _severities(guard)
+        for step in range(100):
+            _train_step(model, opt, torch.randn(8, 16))
+            if step < 50:
+                native_memory(1 << 20)
+    f = _only(guard)
+    assert seen == ["info", "info"]  # never a warning, not even for a while (and so nothing warned)
+    assert f.data["explained"] is False
+    assert "No growing group of live tensors, numpy arrays or Python containers explains it" in f.message
+    assert "as an allocator that settles does" in f.message
+    assert f.data["stopped"]["flat_to"] >= 90  # flat to the last samples (the cadence may skip the very last)
+
+
+def test_growth_nothing_explains_becomes_a_warning_when_it_keeps_growing(native_memory):
+    model = nn.Linear(16, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradguard.Guard(model, opt, detectors=[MemoryGrowth], policy="collect") as guard:
+        seen = _severities(guard)
+        for _ in range(130):
+            _train_step(model, opt, torch.randn(8, 16))
+            native_memory(1 << 20)
+    f = _only(guard)
+    assert seen == ["info", "warning"]  # info when found, raised by a revision once it kept on
+    assert f.severity == "warning"
+    assert f.step <= 50
+    persisted = f.data["persisted"]
+    assert persisted["to"] - persisted["from"] >= 4 * 24
+    assert 0.8 <= persisted["rate_mib_per_step"] <= 1.5
+    assert "it kept growing, 1 MiB per step" in f.message
+    assert "memory held outside what the census sees" in f.message
+
+
+# ------------------------------------------------------------------------- correct loops, again and again
+def _replay_varying(guarded, rng):
+    model = nn.Linear(512, 8)
+    opt = torch.optim.Adam(model.parameters())
+    replay = collections.deque(maxlen=44)  # fills just after GG301 first decides
+    with guarded(model, opt):
+        for _ in range(70):
+            n = rng.randint(32, 768)
+            replay.append((torch.randn(n, 512), torch.randn(n, 8)))
+            batch = rng.sample(list(replay), min(4, len(replay)))
+            out = model(torch.cat([obs for obs, _ in batch]))
+            loss = (out - torch.cat([target for _, target in batch])).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def _two_sizes(guarded, rng):
+    model = nn.Sequential(nn.Linear(1024, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sizes = (rng.choice((32, 64)), rng.choice((768, 1024)))
+    with guarded(model, opt):
+        for step in range(60):
+            _train_step(model, opt, torch.randn(sizes[step % 2], 1024))
+
+
+class _FreshImages(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10_000
+
+    def __getitem__(self, index):
+        return torch.rand(3, 32, 32), index % 10
+
+
+def _dataloader(guarded, rng):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loader = torch.utils.data.DataLoader(_FreshImages(), batch_size=64, shuffle=True)
+    with guarded(model, opt):
+        for step, (images, labels) in enumerate(loader):
+            loss = nn.functional.cross_entropy(model(images), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step == 60:
+                break
+
+
+def _lru_tokenizer(guarded, rng):
+    corpus = [" ".join(str(rng.randrange(5000)) for _ in range(rng.randint(100, 1500))) for _ in range(300)]
+
+    @functools.lru_cache(maxsize=512)
+    def encode(text):
+        return torch.tensor([int(word) for word in text.split()])
+
+    model = nn.EmbeddingBag(5000, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with guarded(model, opt):
+        for _ in range(70):
+            ids = [encode(text) for text in rng.sample(corpus, 16)]
+            offsets = torch.tensor([0] + [len(t) for t in ids[:-1]]).cumsum(0)
+            loss = model(torch.cat(ids), offsets).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def _tbptt_rnn(guarded, rng):
+    model = nn.LSTM(32, 128, batch_first=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    state = None
+    with guarded(model, opt):
+        for _ in range(60):
+            if state is not None:
+                state = tuple(s.detach() for s in state)  # truncated backpropagation through time
+            out, state = model(torch.randn(16, 20, 32), state)
+            loss = out.pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("loop", [_replay_varying, _two_sizes, _dataloader, _lru_tokenizer, _tbptt_rnn])
+def test_correct_loops_whose_memory_goes_up_and_down_never_warn(loop):
+    # a few runs each (benchmarks/false_alarms.py runs them, and more, many times over)
+    loud = []
+
+    def guarded(model, opt):
+        guard = gradguard.Guard(model, opt, detectors=[MemoryGrowth], policy="collect")
+        guard.finding_callbacks.append(lambda f: loud.append(str(f)) if f.severity != "info" else None)
+        return guard
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        loop(guarded, random.Random(seed))
+    assert loud == []
+
+
 # ------------------------------------------------------------------------- the trend test alone
 def _noisy(values, seed, noise_mib=0.3):
     rng = np.random.default_rng(seed)
@@ -388,7 +593,9 @@ def test_gradguard_run_leaves_a_correct_loop_alone(tmp_path, write_script, run_c
     proc = run_cli("run", "--json", "out.json", "--policy", "collect", "train.py")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "out.json").read_text())
-    assert [f for f in report["findings"] if f["code"] == "GG301"] == []
+    growths = [f for f in report["findings"] if f["code"] == "GG301"]
+    # RSS may grow a while as malloc keeps what the buffer evicts: nothing explains it, so info at most
+    assert [f for f in growths if f["severity"] != "info" or f["data"]["explained"] is not False] == []
     assert len(report["detectors"]["GG301"]["series"]["rss"]) >= 30
 
 

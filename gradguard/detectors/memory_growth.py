@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -9,13 +10,13 @@ from gradguard import memory as mem
 from gradguard.detector import Detector, Findings, on
 from gradguard.errors import ConfigurationError
 from gradguard.events import Close, EpochStart, IterationEnd
-from gradguard.findings import Finding, Revision
+from gradguard.findings import Finding, Revision, Severity
 from gradguard.introspect.frames import user_frames, user_location
 from gradguard.introspect.naming import Namer
 from gradguard.memory import describe
 from gradguard.memory.metrics import MetricStates
 from gradguard.memory.series import Cadence, Recorder
-from gradguard.memory.watch import GrowthWatch
+from gradguard.memory.watch import Confirmed, Emitted, GrowthWatch
 
 
 class MemoryGrowth(Detector):
@@ -31,8 +32,22 @@ class MemoryGrowth(Detector):
     cache or a bounded replay buffer that fills up, batches of varying size, the allocator
     keeping freed blocks) does not count: the window must grow in both halves and keep
     growing through a short confirmation window. Then it looks deeper, once: it counts the
-    live tensors by shape, dtype, device and autograd state twice, and names the variable
-    or module attribute that holds the group that grows.
+    live tensors by shape, dtype, device and autograd state twice, notes which Python
+    containers (list, dict, deque, set, ``functools.lru_cache``) gained entries and what
+    those weigh (numpy arrays and plain Python objects included), and names the variable
+    or module attribute that holds what grows. A temporary of the step (a batch of a shape
+    not seen before, held by a local variable) explains nothing.
+
+    **Growth that nothing explains.** Memory that grows while the census finds nothing
+    growing, most often the process's RSS, is far more often the allocator's doing than a
+    leak: malloc keeps what the program freed for reuse, and a heap fragmented by batches
+    of varying size settles after a while. Such a growth is reported as info (collected,
+    never warned about) and its counter stays watched. It becomes a warning, the same
+    finding revised, only if it keeps growing over a much longer window (four trend
+    windows since it started, two since it was found, both halves growing at half its
+    rate or more) and a new census still finds nothing that explains it; if the census
+    does, that growth is a finding of its own. A growth that levels off stays info, with
+    the evidence added at the end of the run.
 
     **Why it matters.** The run does not fail at once. It slows down as memory fills and
     dies with an out-of-memory error hours later, far from the line that leaks. The
@@ -70,7 +85,9 @@ class MemoryGrowth(Detector):
         confirm: samples in the confirmation window that follows a suspected growth.
         min_rate_mib: the smallest rate, in MiB per step, reported by the window test.
         min_growth_mib: the smallest growth, in MiB over the window, reported.
-        census: whether to count the live tensors to name the culprit.
+        census: whether to take the census of live tensors and containers that names the
+            culprit; without it, a growth is a warning only once it kept growing over the
+            longer window.
         cuda_history: whether to record CUDA allocation stacks while confirming a growth.
     """
 
@@ -79,6 +96,7 @@ class MemoryGrowth(Detector):
     hint = "Stop keeping a tensor every step: store .item() or .detach() values, bound the container, or clear it"
     consumes = (IterationEnd, EpochStart, Close)
     state_fields = ("flagged", "trends")
+    fresh_fields = ("flagged",)
 
     def __init__(
         self,
@@ -112,7 +130,7 @@ class MemoryGrowth(Detector):
         self._watch = GrowthWatch(
             self.window, self.confirm, self.min_rate, self.min_growth, self.use_census, self.use_cuda_history
         )
-        self._emitted: list[tuple[Finding, str, int, float]] = []  # finding, signal, step, rate
+        self._emitted: list[Emitted] = []
         self._growths: list[dict[str, Any]] = []
         self._sites: list[dict[str, Any]] = []
         self._census_steps: list[int] = []
@@ -146,24 +164,24 @@ class MemoryGrowth(Detector):
     @on(Close)
     def _close(self, event: Close) -> Findings:
         self._watch.close()
-        revisions = (self._revision(*emitted) for emitted in self._emitted)
+        revisions = (self._revision(emitted) for emitted in self._emitted)
         return [r for r in revisions if r is not None]
 
-    def _revision(self, finding: Finding, signal: str, x: int, rate: float) -> Revision | None:
-        """At the end of the run, tell a cache that filled up from a leak.
+    def _revision(self, emitted: Emitted) -> Revision | None:
+        """At the end of the run, tell a cache that filled up (or an allocator that settled) from a leak.
 
         Growth that stopped after the finding (memory flat since) is what a bounded cache
         does while it fills: the finding stays in the report, revised to info, with the evidence.
         """
-        tail = [p for p in self._rec.windows.get(signal, ()) if p[0] > x]
+        tail = [p for p in self._rec.windows.get(emitted.signal, ()) if p[0] > emitted.step]
         if len(tail) < max(12, self.window // 2):
             return None
         recent = tail[-self.window :]
         slope, _ = mem.theil_sen([p[0] for p in recent], [p[1] for p in recent])
-        if slope >= 0.1 * rate:
+        if slope >= 0.1 * emitted.rate:
             return None
         unit = "step" if self._clock == "step" else "iteration"
-        return Revision(finding, describe.stopped(finding, recent, slope, unit))
+        return Revision(emitted.first, describe.stopped(emitted.current, recent, slope, unit))
 
     # ---------------------------------------------------------------- sampling
     def _tick(self, x: int) -> Findings:
@@ -201,25 +219,46 @@ class MemoryGrowth(Detector):
         found = self._watch.step(x, self._rec, self.flagged, self._namer, self._sampler.headroom)
         if found is None:
             return None
-        self.flagged.extend(found.signals)  # one host finding, from either counter
+        if found.persisted:  # the info finding's growth kept on, and still nothing explains it
+            raised = self._raised(found)
+            return [raised] if raised is not None else None
+        if found.explained:  # one host finding, either counter (one nothing explains stays suspected)
+            self.flagged.extend(s for s in found.signals if s not in self.flagged)
         self.trends.append(found.trend.to_dict())
         self._growths = [g.to_dict() for g in found.growths]
         self._sites = found.sites
         self._census_steps = found.census_steps
-        finding = self._finding(found.trend, found.growths, found.sites, x)
-        self._emitted.append((finding, found.trend.signal, x, found.trend.slope))
+        finding = self._finding(found, x)
+        trend = found.trend
+        self._emitted.append(Emitted(finding, finding, trend.signal, x, trend.slope, trend.start, found.explained))
         return [finding]
+
+    def _raised(self, found: Confirmed) -> Revision | None:
+        """The revision to a warning of the info finding whose growth kept on."""
+        emitted = next((e for e in self._emitted if e.signal == found.trend.signal and not e.explained), None)
+        if emitted is None:
+            return None
+        unit = "step" if self._clock == "step" else "iteration"
+        changes = describe.persisted(emitted.current, found.trend, unit)
+        emitted.current = dataclasses.replace(emitted.current, **changes)
+        self.flagged.extend(s for s in found.signals if s not in self.flagged)
+        self.trends.append(found.trend.to_dict())
+        return Revision(emitted.first, changes)
 
     def _namer(self) -> Namer:
         return Namer(user_frames(), self.run.models())
 
     # ---------------------------------------------------------------- findings
-    def _finding(self, trend: mem.Trend, growths: list[mem.Growth], sites: list[dict[str, Any]], x: int) -> Finding:
+    def _finding(self, found: Confirmed, x: int) -> Finding:
         unit = "step" if self._clock == "step" else "iteration"
-        text = describe.growth(trend, growths, sites, x, unit, self._sampler, census=self.use_census)
+        growth = (found.trend, found.growths, found.sites, x, unit, self._sampler)
+        text = describe.growth(*growth, census=self.use_census, explained=found.explained)
         text.data["clock"] = self._clock
         location = text.location or user_location()
-        return self.finding(text.message, where=text.where, location=location, hint=text.hint, data=text.data)
+        severity = None if found.explained else Severity.INFO  # the allocator's, most often: info until it persists
+        return self.finding(
+            text.message, where=text.where, location=location, hint=text.hint, data=text.data, severity=severity
+        )
 
     def _metric_finding(self, path: str, state: str, values: list[Any], epoch: int) -> Finding:
         text = describe.metric(path, state, values, epoch)

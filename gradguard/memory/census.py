@@ -1,35 +1,50 @@
-"""A census of live tensors by shape, dtype, device and autograd state, and what grew between two."""
+"""A census of live tensors by shape, dtype, device and autograd state, and what grew between two.
+
+It also notes the length of every Python container (and ``lru_cache``) of some size, so
+that the second census can tell which ones grew: numpy arrays and plain Python objects
+are kept by containers, not counted one by one (see :mod:`gradguard.memory.containers`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 from gradguard.introspect.graph import saved_tensors, walk
+from gradguard.memory.containers import MIN_LENGTH, is_container_type, length
 
 GroupKey = tuple[tuple[int, ...], str, str, bool, bool]  # shape, dtype, device, requires_grad, has grad_fn
 
-_TENSOR_TYPES: dict[type, bool] = {}
+_TENSOR, _CONTAINER, _OTHER = 1, 2, 0
+_KINDS: dict[type, int] = {}
 
 
-def _is_tensor_type(tp: type) -> bool:
-    known = _TENSOR_TYPES.get(tp)
+def _kind(tp: type) -> int:
+    known = _KINDS.get(tp)
     if known is None:
         # type(), never isinstance(): isinstance reads __class__, which some lazy objects
         # in gc (deprecated module attributes) answer with a warning.
-        known = issubclass(tp, torch.Tensor)
-        _TENSOR_TYPES[tp] = known
+        if issubclass(tp, torch.Tensor):
+            known = _TENSOR
+        elif is_container_type(tp):
+            known = _CONTAINER
+        else:
+            known = _OTHER
+        _KINDS[tp] = known
     return known
 
 
 def live_tensors() -> Iterator[torch.Tensor]:
     """Every tensor object the garbage collector knows of (those Python can see)."""
+    kinds = _KINDS
     for obj in gc.get_objects():
-        if _is_tensor_type(type(obj)):
+        tp = type(obj)
+        if (kinds[tp] if tp in kinds else _kind(tp)) == _TENSOR:
             yield obj
 
 
@@ -70,31 +85,58 @@ def describe_group(key: GroupKey | list[Any]) -> str:
 
 @dataclasses.dataclass
 class Census:
-    """How many tensors of each (shape, dtype, device, grad) group are alive, and their bytes."""
+    """How many tensors of each (shape, dtype, device, grad) group are alive, and their bytes.
+
+    ``lengths`` holds the length of each container of :data:`~gradguard.memory.containers.MIN_LENGTH`
+    entries or more, by ``id``; ``grown`` (only when the census was taken against an
+    earlier one) the containers that gained entries since, with how many: strong
+    references, for the moment the growth is explained and never longer.
+    """
 
     step: int
     counts: dict[GroupKey, int]
     nbytes: dict[GroupKey, int]
     ids: dict[GroupKey, set[int]]
+    lengths: dict[int, int] = dataclasses.field(default_factory=dict)
+    grown: list[tuple[Any, int]] = dataclasses.field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
         return sum(self.nbytes.values())
 
 
-def take_census(step: int) -> Census:
-    """Count the live tensors by group; storages shared by views count once."""
+def take_census(step: int, before: Census | None = None, roots: Iterable[Any] = ()) -> Census:
+    """Count the live tensors by group (storages shared by views count once) and measure containers.
+
+    The containers are those the garbage collector lists, and ``roots``: those it does not
+    (see :func:`~gradguard.memory.containers.untracked`). Against an earlier census
+    ``before``, the containers that gained entries since are listed in :attr:`Census.grown`.
+    """
     gc.collect(1)  # young cyclic garbage waiting for the collector is not a leak; a full pass costs too much
     counts: dict[GroupKey, int] = {}
     nbytes: dict[GroupKey, int] = {}
     ids: dict[GroupKey, set[int]] = {}
+    lengths: dict[int, int] = {}
+    grown: list[tuple[Any, int]] = []
+    earlier = before.lengths if before is not None else {}
     seen: set[tuple[str, int]] = set()
-    for t in live_tensors():
+    for obj in itertools.chain(gc.get_objects(), roots):
+        kind = _kind(type(obj))
+        if kind == _CONTAINER:
+            n = length(obj)
+            if n is not None and n >= MIN_LENGTH:
+                lengths[id(obj)] = n
+                added = n - earlier.get(id(obj), n)
+                if added > 0:
+                    grown.append((obj, added))
+            continue
+        if kind != _TENSOR:
+            continue
         try:
-            key = group_key(t)
+            key = group_key(obj)
         except Exception:
             continue
-        skey, size = storage_key(t)
+        skey, size = storage_key(obj)
         if skey is not None:
             if skey in seen:
                 size = 0
@@ -102,13 +144,17 @@ def take_census(step: int) -> Census:
                 seen.add(skey)
         counts[key] = counts.get(key, 0) + 1
         nbytes[key] = nbytes.get(key, 0) + size
-        ids.setdefault(key, set()).add(id(t))
-    return Census(step, counts, nbytes, ids)
+        ids.setdefault(key, set()).add(id(obj))
+    for internal in (counts, nbytes, ids, lengths, earlier, seen):
+        lengths.pop(id(internal), None)
+    return Census(step, counts, nbytes, ids, lengths, grown)
 
 
 @dataclasses.dataclass
 class Growth:
-    """A tensor group that grew between two censuses."""
+    """A tensor group that grew between two censuses, or (``kind="entries"``) a container that
+    gained entries: then ``count_delta`` counts the entries, ``bytes_delta`` their estimated
+    size (tensors left out) and ``entry`` says what one of them is."""
 
     key: GroupKey
     count_delta: int
@@ -117,6 +163,8 @@ class Growth:
     graph_bytes: int = 0  # bytes each new tensor keeps alive through its autograd graph
     owners: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     held_by_graph: bool = False  # kept alive by the autograd graph of another growing group
+    kind: str = "tensors"
+    entry: str = ""
 
     @property
     def per_step_count(self) -> float:
@@ -133,6 +181,8 @@ class Growth:
     def to_dict(self) -> dict[str, Any]:
         shape, dtype, device, requires_grad, grad_fn = self.key
         return {
+            "kind": self.kind,
+            "entry": self.entry,
             "shape": list(shape),
             "dtype": dtype,
             "device": device,
@@ -165,19 +215,26 @@ def diff(before: Census, after: Census, *, min_bytes: int = 64 * 1024) -> list[G
 
 def new_tensors(before: Census, key: GroupKey, limit: int) -> list[torch.Tensor]:
     """Up to ``limit`` live tensors of a group that were not alive at ``before``."""
-    old = before.ids.get(key, set())
-    out: list[torch.Tensor] = []
+    return new_tensors_of(before, [key], limit).get(key, [])
+
+
+def new_tensors_of(before: Census, keys: list[GroupKey], limit: int) -> dict[GroupKey, list[torch.Tensor]]:
+    """Up to ``limit`` live tensors of each group that were not alive at ``before``, in one pass."""
+    out: dict[GroupKey, list[torch.Tensor]] = {key: [] for key in keys}
+    wanted = len(keys)
     for t in live_tensors():
-        if id(t) in old:
-            continue
         try:
-            if group_key(t) != key:
-                continue
+            key = group_key(t)
         except Exception:
             continue
-        out.append(t)
-        if len(out) >= limit:
-            break
+        found = out.get(key)
+        if found is None or len(found) >= limit or id(t) in before.ids.get(key, ()):
+            continue
+        found.append(t)
+        if len(found) == limit:
+            wanted -= 1
+            if wanted == 0:
+                break
     return out
 
 
@@ -199,6 +256,8 @@ def culprit_text(growth: Growth, unit: str) -> str:
     """What grows, by how much per step, and what holds it: a sentence for a finding."""
     from gradguard.memory.sampler import format_bytes
 
+    if growth.kind == "entries":
+        return _entries_text(growth, unit)
     what = describe_group(growth.key)
     count = growth.per_step_count
     if abs(count - round(count)) < 0.15 and round(count) >= 1:
@@ -217,3 +276,25 @@ def culprit_text(growth: Growth, unit: str) -> str:
     loc = owner.get("location")
     place = f"{owner['kind']}, {loc['file']}:{loc['line']}" if loc else owner["kind"]
     return f"`{owner['name']}` ({place}) gains {how_many}"
+
+
+def _entries_text(growth: Growth, unit: str) -> str:
+    """``records`` (list, train.py:31) gains 1 entry per step, a list of 2000 int (72 KiB)."""
+    from gradguard.memory.sampler import format_bytes
+
+    count = growth.per_step_count
+    size = format_bytes(growth.tensor_bytes)
+    if abs(count - round(count)) < 0.15 and round(count) >= 1:
+        n = round(count)
+        rate = f"{n} entr{'ies' if n != 1 else 'y'} per {unit}"
+    elif count < 1:
+        rate = f"1 entry every {max(round(1 / count), 2)} {unit}s"
+    else:
+        rate = f"{count:.1f} entries per {unit}"
+    article = "an" if growth.entry[:1].lower() in tuple("aeiou") else "a"
+    each = "each " if count > 1.15 else ""
+    what = f", {each}{article} {growth.entry} ({size})" if growth.entry else f" ({size} each)"
+    owner = growth.owners[0]
+    loc = owner.get("location")
+    place = f"{owner['kind']}, {loc['file']}:{loc['line']}" if loc else owner["kind"]
+    return f"`{owner['name']}` ({place}) gains {rate}{what}"

@@ -12,6 +12,14 @@ from gradguard.memory.census import Growth, culprit_text
 from gradguard.memory.sampler import SIGNALS, MemorySampler, MiB, format_bytes
 from gradguard.memory.trend import Trend
 
+UNEXPLAINED_HINT = (
+    "Nothing to fix if it levels off. If it keeps growing, look for memory held outside Python's "
+    "objects: a C/C++ extension, a native library's cache (tracemalloc or memray show where it is allocated)"
+)
+PERSISTED_HINT = (
+    "Look for memory held outside Python's objects: a C/C++ extension, a native library's cache, "
+    "objects rebuilt larger each step (tracemalloc or memray show where it is allocated)"
+)
 GRAPH_HINT = (
     "Run evaluation under torch.no_grad() (or torch.inference_mode()), or keep outputs.detach(), "
     "so that kept outputs do not hold their autograd graphs"
@@ -36,8 +44,12 @@ def growth(
     sampler: MemorySampler,
     *,
     census: bool,
+    explained: bool = True,
 ) -> Text:
-    """A confirmed growth: the rate, the growth so far, when memory runs out, and the culprit."""
+    """A confirmed growth: the rate, the growth so far, when memory runs out, and the culprit.
+
+    A growth that nothing explains says so, and what it most often is: the allocator's.
+    """
     label = SIGNALS.get(trend.signal, trend.signal)
     if trend.signal.startswith("cuda") and sampler.cuda_device is not None:
         label = f"{label} on cuda:{sampler.cuda_device}"
@@ -69,7 +81,15 @@ def growth(
         if top.key[4]:
             hint = GRAPH_HINT
     elif census:
-        message += ". No growing group of live tensors explains it (numpy arrays, Python objects or C++ memory)"
+        message += (
+            ". No growing group of live tensors, numpy arrays or Python containers explains it: most often "
+            "the allocator keeping memory the program freed, which levels off; a warning if it keeps growing"
+        )
+    else:
+        message += ". The census is off (census=False): a warning only if it keeps growing"
+    if not explained:
+        data["explained"] = False
+        hint = UNEXPLAINED_HINT
     if sites:
         data["allocation_sites"] = sites
         message += f"; most live CUDA blocks allocated at {sites[0]['file']}:{sites[0]['line']}"
@@ -94,15 +114,39 @@ def metric(path: str, state: str, values: list[Any], epoch: int) -> Text:
 
 
 def stopped(finding: Finding, flat: list[tuple[int, int]], slope: float, unit: str) -> dict[str, Any]:
-    """The revision of a finding whose growth stopped since: a cache that filled up to a bound."""
+    """The revision of a finding whose growth stopped since: a cache that filled up to a bound,
+    or (nothing explained it) an allocator that settled."""
+    explained = finding.data.get("explained", True)
+    settled = "as a cache that fills up to a bound does" if explained else "as an allocator that settles does"
     message = finding.message + (
-        f"; then the growth stopped: memory stayed flat over {unit}s {flat[0][0]}-{flat[-1][0]}, "
-        "as a cache that fills up to a bound does"
+        f"; then the growth stopped: memory stayed flat over {unit}s {flat[0][0]}-{flat[-1][0]}, {settled}"
     )
     evidence = {"flat_from": flat[0][0], "flat_to": flat[-1][0], "rate_mib_per_step": slope / MiB}
+    hint = "Check that the container is bounded; if it is, this is its filling up, not a leak"
     return {
         "severity": Severity.INFO,
         "message": message,
-        "hint": "Check that the container is bounded; if it is, this is its filling up, not a leak",
+        "hint": hint if explained else "Nothing to fix: memory levelled off",
         "data": {**finding.data, "stopped": evidence},
+    }
+
+
+def persisted(finding: Finding, trend: Trend, unit: str) -> dict[str, Any]:
+    """The revision of a growth nothing explained that kept growing: now a warning."""
+    over = f"{unit}s {trend.start:.0f}-{trend.end:.0f}"
+    message = finding.message + (
+        f"; it kept growing, {format_bytes(trend.slope)} per {unit} (+{format_bytes(trend.growth)} over {over}), "
+        "longer than an allocator settles: memory held outside what the census sees"
+    )
+    evidence = {
+        "from": trend.start,
+        "to": trend.end,
+        "rate_mib_per_step": trend.slope / MiB,
+        "growth_mib": trend.growth / MiB,
+    }
+    return {
+        "severity": Severity.WARNING,
+        "message": message,
+        "hint": PERSISTED_HINT,
+        "data": {**finding.data, "persisted": evidence},
     }
