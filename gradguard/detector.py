@@ -73,6 +73,9 @@ class Detector:
     every: ClassVar[int] = 1
     duty: ClassVar[int] = 1
     state_fields: ClassVar[tuple[str, ...]] = ()
+    #: State lists of what this run found. A resumed run starts them empty, so that it finds
+    #: again what still happens; :meth:`state_dict` gives the earlier and the new together.
+    fresh_fields: ClassVar[tuple[str, ...]] = ()
     _handlers: ClassVar[dict[type[Event], str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -112,6 +115,7 @@ class Detector:
     def __init__(self) -> None:
         self._run: Run | None = None
         self._grown: dict[Any, tuple[Finding, list[str]]] = {}
+        self._earlier: dict[str, list[Any]] = {}  # fresh fields restored from a checkpoint
 
     @classmethod
     def handlers(cls) -> dict[type[Event], str]:
@@ -205,7 +209,11 @@ class Detector:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The detector's counters, for checkpoints. Plain Python data only."""
-        return {name: copy.deepcopy(getattr(self, name)) for name in self.state_fields}
+        state = {name: copy.deepcopy(getattr(self, name)) for name in self.state_fields}
+        for name in self.fresh_fields:
+            earlier = self._earlier.get(name, [])
+            state[name] = earlier + [x for x in state[name] if x not in earlier]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. The argument is not modified."""
@@ -217,6 +225,10 @@ class Detector:
         for name in self.state_fields:
             if name in state:
                 setattr(self, name, copy.deepcopy(state[name]))
+        for name in self.fresh_fields:
+            if name in state:
+                self._earlier[name] = list(getattr(self, name))
+                setattr(self, name, [])
 
     @classmethod
     def rule_page(cls) -> str:

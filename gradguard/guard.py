@@ -122,6 +122,7 @@ class Guard:
         self._quiet = 0  # root forwards since the last backward() or step()
         self._called: set[int] = set()  # root modules called since the last iteration boundary
         self._stepless = 0  # backward() calls since the last optimizer step
+        self._escalated: list[Finding] = []  # revisions from info to a warning, for the policy
         self._attached = False
         self._closed = False
         self._started = 0.0
@@ -212,9 +213,11 @@ class Guard:
             self._wall = time.perf_counter() - self._started
             if self.json_path is not None:
                 self.write_json(self.json_path)
-        if closing:
+        escalated, self._escalated = self._escalated, []
+        if closing or escalated:
             if _raising:
                 self._publish(closing)
+                self.policy.apply(escalated)
             else:
                 for f in closing:
                     self._notify(f)
@@ -311,6 +314,9 @@ class Guard:
         new = self._deliver(event)
         if new:
             self._publish(new)
+        if self._escalated:  # revised from info to a warning: the policy applies now
+            escalated, self._escalated = self._escalated, []
+            self.policy.apply(escalated)
 
     # ------------------------------------------------------------------ findings
     @property
@@ -327,7 +333,8 @@ class Guard:
         """Replace a published finding by a revised one (severity, message, hint, data).
 
         The finding keeps its place, first step and count; the revised one is returned and
-        reported to ``finding_callbacks``. Nothing is warned or raised again.
+        reported to ``finding_callbacks``. Nothing is warned or raised again, except that a
+        detector's revision raising an info finding to a warning goes through the policy.
         """
         return self.ledger.revise(finding, **changes)
 
@@ -522,7 +529,10 @@ class Guard:
                 if out:
                     for item in out:
                         if isinstance(item, Revision):
-                            self.revise(item.finding, **item.changes)
+                            escalates = self.ledger.escalates(item.finding, item.changes)
+                            revised = self.revise(item.finding, **item.changes)
+                            if escalates:
+                                self._escalated.append(revised)  # info that turned out to matter
                             continue
                         recorded = self._record(item)
                         if recorded is not None:

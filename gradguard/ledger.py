@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from gradguard.errors import ConfigurationError
@@ -71,6 +71,12 @@ class Ledger:
         self._findings[finding.key] = revised
         self.notify(revised)
         return revised
+
+    def escalates(self, finding: Finding, changes: Mapping[str, Any]) -> bool:
+        """Whether a revision raises an info finding to a warning or an error (then the policy applies)."""
+        known = self._findings.get(finding.key)
+        severity = changes.get("severity")
+        return known is not None and known.severity == Severity.INFO and severity not in (None, Severity.INFO)
 
     def publish(self, new: list[Finding]) -> None:
         """Tell the callbacks, then apply the policy (warn or raise) to findings seen for the first time."""

@@ -1,3 +1,4 @@
+import dataclasses
 import gc
 import json
 import warnings
@@ -308,3 +309,38 @@ def test_a_restored_finding_that_does_not_happen_again_stays_silent():
             model(x).pow(2).mean().backward()
             opt.step()
     assert [f.count for f in resumed.findings] == [first.findings[0].count]
+
+
+def test_a_revision_that_raises_info_to_a_warning_is_warned_then():
+    from gradguard.events import StepEnd
+    from gradguard.findings import Revision, Severity
+
+    class Escalates(Detector):
+        code, name = "GG301", "memory-growth"
+        consumes = (StepEnd,)
+
+        def setup(self):
+            self.first = None
+
+        @on(StepEnd)
+        def _end(self, event):
+            if event.step == 1:
+                self.first = self.finding("grows, unexplained", where="rss")
+                return [dataclasses.replace(self.first, severity=Severity.INFO)]
+            if event.step == 3:
+                return [Revision(self.first, {"severity": Severity.WARNING, "message": "kept growing"})]
+            return None
+
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Guard(model, opt, detectors=[Escalates()], policy="warn") as guard:
+            for step in range(4):
+                opt.zero_grad()
+                model(torch.ones(1, 2)).sum().backward()
+                opt.step()
+                assert len([w for w in caught if "GG301" in str(w.message)]) == (1 if step >= 2 else 0)
+    (finding,) = guard.findings
+    assert finding.severity == "warning"
+    assert "kept growing" in str(caught[-1].message)
