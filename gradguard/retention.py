@@ -21,7 +21,7 @@ import dataclasses
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable
-from types import FrameType
+from types import CodeType, FrameType, ModuleType
 from typing import Any
 
 import torch
@@ -102,12 +102,15 @@ def held_places(
     frames: list[FrameType],
     modules: list[tuple[torch.nn.Module, str, torch.nn.Module]],
     span: Callable[[Any], Span | None],
+    globals_: list[ModuleType] | None = None,
 ) -> list[Place]:
-    """What holds stamped graphs: the frames' variables, ``self``'s attributes, the modules' attributes.
+    """What holds stamped graphs: the frames' variables and closures, ``self``'s attributes,
+    the globals of the program's modules, the models' modules' attributes.
 
     ``modules`` are ``(model, path, submodule)``; ``span(value)`` is the history a value
     reaches, or ``None``.
     """
+    globals_ = [m for m in (globals_ or ()) if all(vars(m) is not f.f_globals for f in frames)]
     places: list[Place] = []
     by_object: dict[int, int] = {}  # a container passed down to a helper: one place, where it is filled
     for frame in frames:
@@ -134,6 +137,30 @@ def held_places(
                         key = ("self", type(value).__qualname__, attr)
                         places.append(Place(key, f"self.{attr}", "attribute", found, owner=value))
                         places[-1].seen_in(frame)
+    for frame in frames:  # state kept in the cells of a closure the frame holds (a logging callback)
+        for _name, value in frame_variables(frame):
+            closure = getattr(value, "__closure__", None) if callable(value) else None
+            code = getattr(value, "__code__", None)
+            if not closure or code is None or len(closure) > 16:
+                continue
+            for var, cell in zip(code.co_freevars, closure, strict=False):
+                inner = _cell_contents(cell)
+                if isinstance(inner, HOLDERS) and not isinstance(inner, torch.Tensor) and id(inner) not in by_object:
+                    found = span(inner)
+                    if found is not None:
+                        by_object[id(inner)] = len(places)
+                        line = sites.variable_sites(code, var).best(container=True) or code.co_firstlineno
+                        cell_key = ("closure", code.co_filename, code.co_firstlineno, var)
+                        places.append(Place(cell_key, var, kind(inner), found, line=code_location(code, line)))
+    for module in globals_:  # module globals of the program's files, filled by their functions
+        for name, value in list(vars(module).items()):
+            if name.startswith("__") or not isinstance(value, HOLDERS) or id(value) in by_object:
+                continue
+            found = span(value)
+            if found is not None:
+                by_object[id(value)] = len(places)
+                global_key = ("global", module.__name__, name)
+                places.append(Place(global_key, name, kind(value), found, line=_global_site(module, name)))
     top = frames[0] if frames else None
     for model, sub_name, sub in modules:
         for attr, value in object_attrs(sub):
@@ -145,6 +172,28 @@ def held_places(
                 if top is not None:
                     places[-1].seen_in(top)
     return places
+
+
+def _cell_contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def _global_site(module: ModuleType, name: str) -> Location | None:
+    """The line of a module's own function that fills its global ``name``."""
+    filename = getattr(module, "__file__", None)
+    fallback = None
+    for value in list(vars(module).values()):
+        code = getattr(value, "__code__", None)
+        if not isinstance(code, CodeType) or code.co_filename != filename:
+            continue
+        found = sites.variable_sites(code, name)
+        if found.mutated:
+            return code_location(code, found.mutation())
+        fallback = fallback or (code_location(code, found.best(container=True)) if found.best(container=True) else None)
+    return fallback
 
 
 def _fills(frame: FrameType | None, name: str) -> bool:

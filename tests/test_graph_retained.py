@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import weakref
 
 import pytest
@@ -306,6 +307,64 @@ def test_a_list_filled_in_a_helper_is_reported_at_the_append():
     finding = _only(guard)
     assert finding.where == "losses"
     assert finding.location.line == line_of("# <- filled in a helper")
+
+
+HELPER_MODULE = """
+LOSSES = []
+
+
+def record(loss):
+    LOSSES.append(loss)  # [global list]
+"""
+
+
+def test_a_global_list_of_another_module_filled_by_its_function_is_flagged(tmp_path, monkeypatch):
+    import importlib
+
+    (tmp_path / "loss_log.py").write_text(HELPER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loss_log = importlib.import_module("loss_log")
+    model, (x, y) = tiny_model(), tiny_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    try:
+        with _guard(model, opt) as guard:
+            for _ in range(STEPS):
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                opt.step()
+                loss_log.record(loss)
+    finally:
+        sys.modules.pop("loss_log", None)
+    (finding,) = guard.findings
+    assert finding.where == "LOSSES"
+    assert finding.location.file.endswith("loss_log.py")
+    assert finding.location.line == line_of("# [global list]", str(tmp_path / "loss_log.py"))
+
+
+def test_a_list_kept_by_a_closure_is_flagged():
+    model, (x, y) = tiny_model(), tiny_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def make_logger():
+        seen = []
+
+        def log(value):
+            seen.append(value)  # <- kept by a closure
+
+        return log
+
+    log = make_logger()
+    with _guard(model, opt) as guard:
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            log(loss)
+    (finding,) = guard.findings
+    assert finding.where == "seen"
+    assert finding.location.line == line_of("# <- kept by a closure")
 
 
 class CallsItsNet(nn.Module):

@@ -22,7 +22,7 @@ from gradguard.events import (
     StepPre,
 )
 from gradguard.findings import Finding
-from gradguard.introspect.frames import user_frame, user_frames
+from gradguard.introspect.frames import user_frame, user_frames, user_modules
 from gradguard.introspect.graph import graph_tensors
 from gradguard.retention import Place, Span
 from gradguard.sampling import Rotation
@@ -297,7 +297,9 @@ class GraphRetained(Detector):
             model, sub = model_ref(), sub_ref()
             if model is not None and sub is not None:
                 modules.append((model, path, sub))
-        places = retention.held_places(frames, modules, lambda value: self._span(value, budget, clock))
+        places = retention.held_places(
+            frames, modules, lambda value: self._span(value, budget, clock), globals_=user_modules()
+        )
         del modules
         out = []
         for place in places:

@@ -133,6 +133,33 @@ def program_files() -> list[str]:
     return files
 
 
+_MODULES: tuple[int, list[ModuleType]] = (-1, [])
+
+
+def user_modules() -> list[ModuleType]:
+    """The imported modules of the user's program (not a library's, not an installed package's).
+
+    Computed again only when the number of imported modules changes.
+    """
+    global _MODULES
+    count = len(sys.modules)
+    if _MODULES[0] != count:
+        found = []
+        for module in list(sys.modules.values()):
+            if not isinstance(module, ModuleType):
+                continue
+            filename = object.__getattribute__(module, "__dict__").get("__file__")  # never loads a lazy module
+            if (
+                isinstance(filename, str)
+                and filename.endswith(".py")
+                and not is_library_file(filename)
+                and not is_installed_file(filename)
+            ):
+                found.append(module)
+        _MODULES = (count, found)
+    return list(_MODULES[1])
+
+
 def user_location(start: FrameType | None = None) -> Location | None:
     """The file and line of the innermost user frame, or ``None`` if there is none."""
     frame = user_frame(start if start is not None else sys._getframe(1))
