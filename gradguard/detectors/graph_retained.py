@@ -46,7 +46,8 @@ class GraphRetained(Detector):
     iteration after iteration, the history of the run stays in memory. gradguard stamps the
     graph of each iteration, in ``grad_fn.metadata``, at the output of a watched model's
     forward and at the loss given to ``backward()``, and at iteration boundaries walks, with
-    bounded walks, only the graphs of what the user's frames, containers and modules hold.
+    bounded walks, only the graphs of what the user's frames, closures, containers, models'
+    modules and the globals of the program's own files hold.
     It reports the variable and the line that fills it (the ``append`` inside a helper, not
     the call of the helper), and how many iterations of history it spans:
 
