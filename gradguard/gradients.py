@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from gradguard.findings import Location
+from gradguard.findings import Location, format_names
 from gradguard.introspect import device
 
 #: Values of a parameter copied after a ``backward()``, to tell at the next one whether it changed.
@@ -195,3 +195,27 @@ class DataUpdates:
             elif changed:  # updated, and the gradient zeroed: a reset
                 rec.streak = 0
         return out
+
+
+HAND_WRITTEN_HINT = "Reset the gradient after each hand-written update: p.grad = None (or p.grad.zero_())"
+
+
+def hand_written(names: list[str], streak: int | None) -> tuple[str, dict[str, Any]]:
+    """The message and evidence of hand-written updates on gradients never reset.
+
+    ``streak`` is the number of updates in a row seen through ``.data`` (no version counter
+    moves), or ``None`` for updates that moved the parameters' version counters.
+    """
+    data: dict[str, Any] = {"parameters": names[:100], "num_parameters": len(names), "optimizer": None}
+    if streak is None:
+        message = (
+            f"backward() adds to the gradient of {format_names(names)}, which the last update of that "
+            "parameter already applied and nothing reset since: the next update applies it again"
+        )
+        return message, data
+    message = (
+        f"backward() adds to the gradient of {format_names(names)}, which was not reset though the "
+        f"parameter changed since the last backward(), {streak} times in a row: each update through "
+        ".data (which no version counter shows) applies the sum of every earlier gradient"
+    )
+    return message, {**data, "updates_in_a_row": streak, "through": ".data"}

@@ -350,13 +350,15 @@ def locate(place: Place, frames: list[FrameType]) -> Location | None:
     return code_location(code, found.best(container=place.kind in ("list", "dict", "deque")) or place.frame.f_lineno)
 
 
-def describe(place: Place, unit: str, evaluation: bool = False) -> tuple[str, str, dict[str, Any]]:
+def describe(place: Place, unit: str, evaluation: bool = False, offset: int = 0) -> tuple[str, str, dict[str, Any]]:
     """A finding's message, hint and evidence for a place that keeps graphs of several epochs.
 
     ``unit`` is ``"step"`` or ``"iteration"``; ``evaluation`` says the graphs come from model
-    calls with no ``backward()`` between them (an evaluation loop run with autograd on).
+    calls with no ``backward()`` between them (an evaluation loop run with autograd on);
+    ``offset`` is subtracted from the epochs shown.
     """
-    span, name = place.span, place.where
+    name = place.where
+    span = Span(place.span.lo - offset, place.span.hi - offset, place.span.first - offset, place.span.carried)
     data = {
         "variable": name,
         "kind": place.kind,

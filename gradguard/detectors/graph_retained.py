@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import weakref
 from typing import Any
@@ -24,6 +23,7 @@ from gradguard.events import (
 from gradguard.findings import Finding
 from gradguard.introspect.frames import user_frame, user_frames, user_modules
 from gradguard.introspect.graph import graph_tensors
+from gradguard.retained import RetainedPlaces, Rounds
 from gradguard.retention import Place, Span
 from gradguard.sampling import Rotation
 
@@ -31,7 +31,6 @@ _NODE_BUDGET = 512  # graph nodes walked from one held value
 _CHECK_BUDGET = 8192  # graph nodes walked in one check, all values together
 _INPUT_BUDGET = 128  # graph nodes walked from one input of a forward
 _MAX_FRAMES = 8  # user frames looked at in one check
-_STALE_CALLS = 16  # an optimizer that did not step in this many step() calls no longer ends rounds
 _CHECK_EVERY = 16  # check at every boundary during the warm-up, then every _CHECK_EVERY
 _CONFIRM_BACKWARDS = 64  # backward() calls with no optimizer step that show updates are made by hand
 
@@ -66,20 +65,15 @@ class GraphRetained(Detector):
       ``backward()`` shows the graphs were not a rollout (REINFORCE keeps the
       log-probabilities of an episode for one backward), or when the run ends.
 
-    An iteration is what the program does: optimizer steps when there are some (several
-    optimizers, a GAN, make one step when each of them has stepped once; an LBFGS closure and
-    the micro-batches of gradient accumulation belong to the step of their ``step()`` call),
-    else ``backward()`` calls, else model calls. Without an optimizer step, findings wait
-    until 64 ``backward()`` calls, or the end of the run, show that no optimizer steps (the
-    micro-batches before a first ``step()`` are not history). A graph that spans a single
-    iteration, however old (a loss kept in a local until the next step overwrites it), is
-    not reported.
+    An iteration is what the program does: optimizer steps when there are some (a GAN's
+    optimizers make one step when each has stepped; an LBFGS closure and accumulation
+    micro-batches belong to their ``step()``), else ``backward()`` calls, else model calls.
+    With no optimizer step, findings wait until 64 ``backward()`` calls or the end of the run
+    show none comes. A graph that spans one iteration, however old, is not reported.
 
-    **Why it matters.** Memory grows with every step until the process runs out of it,
-    far from the line that caused it; with ``retain_graph=True`` every backward also walks
-    the whole history, so steps get slower and slower. This is the most common memory
-    leak in PyTorch (the PyTorch FAQ, "My model reports cuda runtime error(2): out of
-    memory").
+    **Why it matters.** Memory grows with every step until the process runs out of it, far
+    from the line that caused it; with ``retain_graph=True`` every backward also walks the
+    whole history, so steps get slower and slower (the PyTorch FAQ's most common leak).
 
     **How to fix it.** Keep numbers, not graph tensors: ``total_loss += loss.item()``,
     ``history.append(loss.item())`` (or ``loss.detach()`` to stay on the device). Detach a
@@ -103,9 +97,8 @@ class GraphRetained(Detector):
     **Cost.** A stamp per model call and per ``backward()``; at each iteration boundary
     (every one during the warm-up, the first 32, then every 16th) a look at the user's frames
     and at the attributes of a rotating few of the models' modules, and walks of at most a
-    few hundred graph nodes per held value. No tensor value is read and the GPU is never
-    synchronised. A graph built by plain functions with no watched model and never given to
-    ``backward()`` carries no stamp and is not seen.
+    few hundred graph nodes per held value. No tensor value is read, no GPU synchronised. A
+    graph of no watched model's and never given to ``backward()`` is not seen.
     """
 
     code = "GG201"
@@ -123,37 +116,26 @@ class GraphRetained(Detector):
         self._group = 0  # forward epochs: a watched model called again starts one
         self._group_members: set[int] = set()
         self._quiet = True  # no backward() since the last group began
-        self._calls = 0  # optimizer step() calls seen
+        self._rounds = Rounds()  # optimizer rounds: every optimizer that steps stepped once
         self._backward_rounds = 0  # backward() calls counted as rounds (no optimizer step yet)
         self._stepping = False  # inside an optimizer's step() (an LBFGS closure)
-        self._stepped: set[int] = set()
-        self._optimizers: dict[int, tuple[weakref.ref[torch.optim.Optimizer], list[int]]] = {}
-        # (clock, place) -> span, the look it was seen at, backward() calls by then
-        self._previous: dict[tuple[Any, ...], tuple[Span, int, int]] = {}
         self._backwards = 0
         self._looks = {"round": 0, "group": 0}  # checks made of each clock
-        self._reported: dict[tuple[Any, ...], Finding] = {}
-        # Findings that wait for the shape of the loop to be known: forward findings until a
-        # backward() shows whether the graphs were a rollout (then they are dropped), training
-        # findings made with no optimizer step until enough backward() calls show there is none.
-        self._pending: dict[str, dict[tuple[Any, ...], Finding]] = {"group": {}, "round": {}}
-        self._max_spans: dict[tuple[Any, ...], int] = {}
-        self._seen: dict[tuple[str, tuple[Any, ...]], int] = {}
+        self._places = RetainedPlaces()
         self._modules = Rotation(self.run.budget.wide())
         self._module_list: list[tuple[weakref.ref[torch.nn.Module], str, weakref.ref[torch.nn.Module]]] = []
         self._structure = -1
 
     def teardown(self) -> None:
-        for store in (self._optimizers, self._previous, self._seen, self._pending["group"], self._pending["round"]):
-            store.clear()
+        self._rounds.clear()
+        self._places.clear()
         self._group_members.clear()
-        self._stepped.clear()
         self._module_list = []
 
     # ---------------------------------------------------------------- events
     @on(OptimizerAdded)
     def _optimizer(self, event: OptimizerAdded) -> Findings:
-        self._register(event.optimizer)
+        self._rounds.register(event.optimizer)
         return None
 
     @on(ForwardPre)
@@ -175,12 +157,12 @@ class GraphRetained(Detector):
         self._quiet = False
         self._backwards += 1
         out: list[Finding] = []
-        if self._pending["group"]:
+        if self._places.pending["group"]:
             # graphs of earlier model calls reached by this backward were a rollout (REINFORCE,
             # a generator's output), not history kept by mistake
             rollout = retention.reaches_before(roots, self._token, self._group, _NODE_BUDGET)
             out = [] if rollout else self._release("group")
-            self._pending["group"].clear()
+            self._places.pending["group"].clear()
         # the loss itself carries the stamp of its epoch, whether or not a watched model made it
         retention.stamp_new(roots, self._token, (self._token, self._round, self._group, self._round, self._group))
         return out
@@ -205,20 +187,14 @@ class GraphRetained(Detector):
     @on(StepPost)
     def _after_step(self, event: StepPost) -> Findings:
         self._stepping = False
-        self._calls += 1
-        if self._calls == 1:
+        ended = self._rounds.stepped(event.optimizer)
+        if self._rounds.calls == 1:
             # an optimizer steps: earlier backward() calls were micro-batches of this first step
             self._floor = self._round
-            self._pending["round"].clear()
-        self._register(event.optimizer)[1][0] = self._calls
-        self._stepped.add(id(event.optimizer))
-        for key in [k for k, (ref, _) in self._optimizers.items() if ref() is None]:
-            del self._optimizers[key]
-        active = [k for k, (_, last) in self._optimizers.items() if self._calls - last[0] <= _STALE_CALLS]
-        if not all(k in self._stepped for k in active):
+            self._places.pending["round"].clear()
+        if not ended:
             return None  # another optimizer has yet to step in this round (a GAN)
         self._round += 1
-        self._stepped = set()
         return self._check("round") if self._due(self._round) else None
 
     @on(ForwardPost)
@@ -246,43 +222,22 @@ class GraphRetained(Detector):
     @on(Close)
     def _close(self, event: Close) -> Findings:
         out = self._release("group")
-        if not self._calls:
+        if not self._rounds.calls:
             out += self._release("round")
         return out
 
     def report(self) -> dict[str, Any]:
-        retained = [
-            {
-                "where": f.where,
-                "location": f.location.to_dict() if f.location is not None else None,
-                "max_steps_spanned": self._max_spans.get(key, f.data.get("steps_spanned", 0)),
-                "unit": f.data.get("unit", "step"),
-            }
-            for key, f in self._reported.items()
-        ]
-        return {"checks": self.checks, "retained": retained}
+        return {"checks": self.checks, "retained": self._places.report()}
 
     # ---------------------------------------------------------------- rounds
     def _due(self, n: int) -> bool:
         return n <= self.run.budget.warmup or n % _CHECK_EVERY == 0
 
-    def _register(self, optimizer: torch.optim.Optimizer) -> tuple[weakref.ref[torch.optim.Optimizer], list[int]]:
-        rec = self._optimizers.get(id(optimizer))
-        if rec is None or rec[0]() is not optimizer:
-            rec = self._optimizers[id(optimizer)] = (weakref.ref(optimizer), [self._calls])
-        return rec
-
     def _release(self, clock: str) -> list[Finding]:
         """Publish the findings that waited for the shape of the loop."""
-        pending = self._pending[clock]
-        out = []
-        for key, f in pending.items():
-            if key in self._reported:
-                continue
-            self._reported[key] = f
-            self.flagged_places += 1
-            out.append(f)
-        pending.clear()
+        before = self._places.new_places
+        out = self._places.release(clock)
+        self.flagged_places += self._places.new_places - before
         return out
 
     # ---------------------------------------------------------------- checks
@@ -293,36 +248,15 @@ class GraphRetained(Detector):
         look = self._looks[clock]
         budget = [_CHECK_BUDGET]
         frames = user_frames(_MAX_FRAMES, installed=False)
-        modules = []
-        for model_ref, path, sub_ref in self._modules.select([self._submodules()], self.checks):
-            model, sub = model_ref(), sub_ref()
-            if model is not None and sub is not None:
-                modules.append((model, path, sub))
+        chosen = self._modules.select([self._submodules()], self.checks)
+        modules = [(m, path, s) for m_ref, path, s_ref in chosen if (m := m_ref()) and (s := s_ref()) is not None]
         places = retention.held_places(
             frames, modules, lambda value: self._span(value, budget, clock), globals_=user_modules()
         )
         del modules
-        out = []
-        for place in places:
-            span, key = place.span, (clock, place.key)
-            before = self._previous.get(key)
-            self._previous[key] = (span, look, self._backwards)
-            if place.key in self._reported or place.key in self._pending[clock]:
-                if span.epochs >= 2:  # seen again: count it
-                    self._max_spans[place.key] = max(self._max_spans.get(place.key, 0), span.epochs)
-                    out.append(self._finding_for(place, clock, frames))
-                continue
-            # A state fed back into the model is reported at that call, under its own name; what
-            # is computed from it (the output of the call) is not reported again. Only a value
-            # that holds the stamps of several epochs, more at each look, is a new finding.
-            gap = 1 if place.kind != "attribute" else self._modules.budget.coverage([len(self._module_list)])
-            # between model calls, only growth with no backward() in between counts (an evaluation
-            # loop's own); what training adds between two evaluation loops is the training clock's
-            same_phase = clock == "round" or before is None or before[2] == self._backwards
-            if before is not None and same_phase and look - before[1] <= gap and span.outgrows(before[0]):
-                out.append(self._finding_for(place, clock, frames))
-        if len(self._previous) > 4096:
-            self._previous = {k: v for k, v in self._previous.items() if self._looks[k[0]] - v[1] <= 64}
+        gap = self._modules.budget.coverage([len(self._module_list)])
+        grown = self._places.growing(places, clock, look, self._backwards, gap)
+        out = [self._finding_for(place, clock, frames) for place in grown]
         return self._deliver(out, clock)
 
     def _submodules(self) -> list[tuple[weakref.ref[torch.nn.Module], str, weakref.ref[torch.nn.Module]]]:
@@ -347,39 +281,19 @@ class GraphRetained(Detector):
 
     # ---------------------------------------------------------------- findings
     def _deliver(self, findings: list[tuple[tuple[Any, ...], Finding]], clock: str) -> list[Finding]:
-        """Record new findings; a place seen again at a later epoch counts once more."""
-        out = []
-        pending = self._pending[clock] if clock == "group" or not self._confirmed() else None
-        for key, f in findings:
-            latest = f.data["last_step"]
-            seen_key = (clock, key)
-            if self._seen.get(seen_key, -1) >= latest:
-                continue  # already counted for this epoch (at the model call, then at the step)
-            self._seen[seen_key] = latest
-            self._max_spans[key] = max(self._max_spans.get(key, 0), f.data["steps_spanned"])
-            if key in self._reported:
-                out.append(dataclasses.replace(self._reported[key], count=1))
-            elif pending is not None:
-                known = pending.get(key)
-                pending[key] = f if known is None else dataclasses.replace(known, count=known.count + 1)
-            else:
-                self._reported[key] = f
-                self.flagged_places += 1
-                out.append(f)
-        return out
-
-    def _confirmed(self) -> bool:
-        """Whether training findings may be published: an optimizer steps, or many backward() calls showed none."""
-        return self._calls > 0 or self._backward_rounds >= _CONFIRM_BACKWARDS
+        """Record new findings (evaluation ones, and training ones before an optimizer step is known, wait)."""
+        before = self._places.new_places
+        # training findings are published once an optimizer steps, or many backward() calls showed none does
+        confirmed = self._rounds.calls > 0 or self._backward_rounds >= _CONFIRM_BACKWARDS
+        new = self._places.deliver(findings, clock, hold=clock == "group" or not confirmed)
+        self.flagged_places += self._places.new_places - before
+        return new
 
     def _finding_for(
         self, place: Place, clock: str, frames: list[Any] | None = None
     ) -> tuple[tuple[Any, ...], Finding]:
-        unit = "step" if clock == "round" and self._calls else "iteration"
-        if clock == "round" and self._floor:  # steps are counted from the first optimizer step
-            span = place.span
-            place = dataclasses.replace(place, span=Span(span.lo - self._floor, span.hi - self._floor, span.first))
-            place.span.carried = span.carried
-        message, hint, data = retention.describe(place, unit, evaluation=clock == "group")
+        unit = "step" if clock == "round" and self._rounds.calls else "iteration"
+        offset = self._floor if clock == "round" else 0  # steps are counted from the first optimizer step
+        message, hint, data = retention.describe(place, unit, evaluation=clock == "group", offset=offset)
         location = retention.locate(place, frames if frames is not None else user_frames(_MAX_FRAMES, installed=False))
         return place.key, self.finding(message, where=place.where, location=location, hint=hint, data=data)

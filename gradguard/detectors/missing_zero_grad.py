@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -11,13 +11,11 @@ import torch
 from gradguard.detector import Detector, Findings, on
 from gradguard.events import BackwardPost, BackwardPre, Close, StepPost, StepPre
 from gradguard.findings import Finding, Location, Revision, format_names
-from gradguard.gradients import DataUpdates, GradRecord, param_lists
+from gradguard.gradients import HAND_WRITTEN_HINT, DataUpdates, GradRecord, hand_written, param_lists
 from gradguard.introspect import device
 from gradguard.introspect.frames import user_frame, user_location
 from gradguard.introspect.naming import name_in_frame
 from gradguard.sampling import Rotation
-
-_HAND_WRITTEN_HINT = "Reset the gradient after each hand-written update: p.grad = None (or p.grad.zero_())"
 
 
 class MissingZeroGrad(Detector):
@@ -144,7 +142,7 @@ class MissingZeroGrad(Detector):
             rec.suspect = unchanged and (rec.consumed or param._version != rec.param_version)
             if rec.suspect and grad is not None and not rec.tainted:
                 rec.pending = device.holds_values(grad)  # zeroed through .data leaves no version trace
-        return [self._data_finding(rec, location) for rec, location in self._data.resolve(wait=False)]
+        return [self._hand_written(rec, location, rec.streak) for rec, location in self._data.resolve(wait=False)]
 
     @on(BackwardPost)
     def _after_backward(self, event: BackwardPost) -> Findings:
@@ -201,7 +199,7 @@ class MissingZeroGrad(Detector):
 
     @on(Close)
     def _close(self, event: Close) -> Findings:
-        data = [self._data_finding(rec, location) for rec, location in self._data.resolve(wait=True)]
+        data = [self._hand_written(rec, location, rec.streak) for rec, location in self._data.resolve(wait=True)]
         return self._drain(final=True) + data
 
     # ---------------------------------------------------------------- reporting
@@ -276,52 +274,20 @@ class MissingZeroGrad(Detector):
         rec.pending = None
         if not value:
             return []  # zeroed through .data, or cannot be told without waiting: stay silent
-        self.flagged_updates += 1
-        location = user_location()
+        return [self._hand_written(rec, user_location())]
 
-        def build(names: list[str]) -> Finding:
-            return self.finding(
-                f"backward() adds to the gradient of {format_names(names)}, which the last update of "
-                "that parameter already applied and nothing reset since: the next update applies it again",
-                where=format_names(names),
-                location=location,
-                hint=_HAND_WRITTEN_HINT,
-                data={"parameters": names[:100], "num_parameters": len(names), "optimizer": None},
-            )
-
-        return [self._grow(("by hand", _site(location)), rec.name, build)]
-
-    def _data_finding(self, rec: GradRecord, location: Location | None) -> Finding | Revision:
-        """One finding per ``backward()`` line, naming more parameters as the sample finds them."""
-        self.flagged_updates += 1
-        streak = rec.streak
-
-        def build(names: list[str]) -> Finding:
-            return self.finding(
-                f"backward() adds to the gradient of {format_names(names)}, which was not reset though the "
-                f"parameter changed since the last backward(), {streak} times in a row: each update through "
-                ".data (which no version counter shows) applies the sum of every earlier gradient",
-                where=format_names(names),
-                location=location,
-                hint=_HAND_WRITTEN_HINT,
-                data={
-                    "parameters": names[:100],
-                    "num_parameters": len(names),
-                    "optimizer": None,
-                    "updates_in_a_row": streak,
-                    "through": ".data",
-                },
-            )
-
-        return self._grow((".data", _site(location)), rec.name, build)
-
-    def _grow(self, key: Any, name: str, build: Callable[[list[str]], Finding]) -> Finding | Revision:
+    def _hand_written(self, rec: GradRecord, location: Location | None, streak: int | None = None) -> Any:
         """One finding per line for every parameter of a hand-written loop, counted once per backward()."""
+        self.flagged_updates += 1
+        key = ("hand-written", streak is not None, None if location is None else (location.file, location.line))
         known = self._grown.get(key)
-        if known is not None and known[1][0] == name:
+        if known is not None and known[1][0] == rec.name:
             return dataclasses.replace(known[0], count=1)  # seen again: one more time, not one more finding
-        return self.grow(key, [name], build)
 
+        def build(names: list[str]) -> Finding:
+            message, data = hand_written(names, streak)
+            return self.finding(
+                message, where=format_names(names), location=location, hint=HAND_WRITTEN_HINT, data=data
+            )
 
-def _site(location: Location | None) -> tuple[str, int] | None:
-    return None if location is None else (location.file, location.line)
+        return self.grow(key, [rec.name], build)
