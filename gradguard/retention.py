@@ -341,7 +341,7 @@ def locate(place: Place, frames: list[FrameType]) -> Location | None:
                 found = sites.attribute_sites(code, attr)
                 line = found.mutation() if prefer_mutation else found.best(container=False)
                 if line is not None:
-                    return code_location(code, line)
+                    return code_location(sites.code_at(code, line), line)
         return place.line
     if place.frame is None:
         return place.line

@@ -124,3 +124,11 @@ def test_reading_variables_leaves_no_snapshot_that_keeps_tensors_alive():
         return ref
 
     assert loop()() is None
+
+
+def test_code_at_names_the_innermost_function_of_a_line():
+    from gradguard.introspect.sites import code_at
+
+    source = "x = 1\nclass A:\n    def f(self):\n        y = 2\n        return y\ndef g():\n    return 3\n"
+    module = compile(source, "m.py", "exec")
+    assert [code_at(module, line).co_name for line in (1, 4, 5, 7)] == ["<module>", "f", "f", "g"]

@@ -286,6 +286,7 @@ def test_step_losses_of_a_module_that_calls_a_submodule_are_flagged():
     assert finding.code == "GG201"
     assert finding.where.endswith("step_losses")
     assert finding.location.line == line_of("# <- a submodule's graph, every step")
+    assert finding.location.function == "training_step"
 
 
 class ValidationWithGrad(Regressor):

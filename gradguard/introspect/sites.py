@@ -297,3 +297,17 @@ def attribute_assignments(filename: str, attr: str) -> list[int]:
         ):
             lines.append(node.lineno)
     return sorted(set(lines))
+
+
+def code_at(code: CodeType, line: int) -> CodeType:
+    """The innermost function of ``code`` (itself, or one defined in it, in a class too) that holds ``line``.
+
+    A module's sites include the lines of the functions it defines; a location names the
+    function the line is in, not ``<module>``.
+    """
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            inner = code_at(const, line)
+            if inner is not const or any(lineno == line for _, _, lineno in const.co_lines()):
+                return inner
+    return code
