@@ -90,6 +90,23 @@ def test_list_cache_gaining_a_detached_tensor_each_step_is_flagged():
     assert "gains 1 tensor [256, 1024] float32 (1 MiB) per step" in f.message
 
 
+def test_a_leak_in_a_loop_with_hand_written_updates_and_no_optimizer_is_flagged():
+    model = nn.Linear(16, 16)
+    kept = []
+    with gradguard.Guard(model, detectors=[MemoryGrowth], policy="collect") as guard:  # no optimizer
+        for _ in range(STEPS):
+            model.zero_grad()
+            model(torch.randn(8, 16)).pow(2).mean().backward()
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-0.01)  # each backward() is an iteration
+            kept.append(torch.randn(256, 1024))  # leak: by hand
+    f = _only(guard)
+    assert f.where == "kept"
+    assert f.location.line == _line("# leak: by hand")
+    assert f.data["clock"] == "iteration"
+    assert "per iteration" in f.message
+
+
 def test_outputs_kept_with_their_graphs_in_an_evaluation_loop_are_flagged():
     model = nn.Sequential(nn.Linear(1024, 64), nn.ReLU(), nn.Linear(64, 10))
     outputs = []
