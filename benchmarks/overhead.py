@@ -81,6 +81,40 @@ class _Installed:
         gradguard.uninstall()
 
 
+def interleave(
+    configs: dict[str, Callable[[], AbstractContextManager]],
+    step: Callable[[], float],
+    repeats: int,
+    settle: int,
+    steps: int,
+    after_block: Callable[[str], None] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Blocks of ``steps`` steps under each configuration, in a shuffled order, ``repeats`` times.
+
+    Returns the step times of each configuration and, for guarded ones, gradguard's own time
+    per step in each block. ``settle`` unmeasured steps start every block (unguarded ones
+    too: the same cache state); ``after_block(name)`` runs inside each block, after it.
+    """
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    inside: dict[str, list[float]] = {name: [] for name in configs}  # gradguard's own time per step
+    rng = random.Random(0)
+    for _ in range(repeats):
+        order = list(configs)
+        rng.shuffle(order)
+        for name in order:
+            with configs[name]() as guard:
+                for _ in range(settle):
+                    step()
+                before = guard.overhead_s if isinstance(guard, gradguard.Guard) else 0.0
+                block = [step() for _ in range(steps)]
+                if isinstance(guard, gradguard.Guard):
+                    inside[name].append((guard.overhead_s - before) / steps)
+                if after_block is not None:
+                    after_block(name)
+            times[name].extend(block)
+    return times, inside
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="steps per block")
@@ -100,24 +134,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     step = make_step(model, opt, args.batch, args.seq)
     codes = [c.strip().upper() for c in args.detectors.split(",") if c.strip()] or [d.code for d in DETECTORS]
     configs = contexts(model, opt, codes)
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    inside: dict[str, list[float]] = {name: [] for name in configs}  # gradguard's own time per step
-
     for _ in range(args.warmup):
         step()
-    rng = random.Random(0)
-    for _ in range(args.repeats):
-        order = list(configs)
-        rng.shuffle(order)
-        for name in order:
-            with configs[name]() as guard:
-                for _ in range(args.settle):  # unguarded blocks too: the same cache state
-                    step()
-                before = guard.overhead_s if isinstance(guard, gradguard.Guard) else 0.0
-                block = [step() for _ in range(args.steps)]
-                if isinstance(guard, gradguard.Guard):
-                    inside[name].append((guard.overhead_s - before) / args.steps)
-            times[name].extend(block)
+    times, inside = interleave(configs, step, args.repeats, args.settle, args.steps)
 
     base = statistics.median(times["none"])
     ratios = {name: statistics.median(t) / base for name, t in times.items()}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import random
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,9 @@ from torch import nn
 
 import gradguard
 from gradguard.sources.attributes import watched
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import interleave
 
 TYPO_MODULE = "gg401_bench_typo"
 TYPO_SOURCE = "def freeze(model):\n    for p in model.parameters():\n        p.requres_grad = False\n"
@@ -106,31 +108,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "GG401, no typo": lambda: _Guarded(model, opt, "GG401"),
             "GG401, typo watched": lambda: _Guarded(model, opt, "GG401", typo=True),
         }
-        times: dict[str, list[float]] = {name: [] for name in configs}
-        inside: dict[str, list[float]] = {name: [] for name in configs}
         stores: dict[str, dict[str, float]] = {}
         env: dict[str, object] = {"p": next(model.parameters()), "t": torch.zeros(1)}
+
+        def measure_stores(name: str) -> None:  # inside the block, with its guard attached
+            if name not in stores:
+                stores[name] = {
+                    "p.grad = None": per_store_ns("p.grad = None", env),
+                    "p.requires_grad_(True)": per_store_ns("p.requires_grad_(True)", env),
+                    "t.requres_grad = False": per_store_ns("t.requres_grad = False", env),
+                }
+
         for _ in range(args.warmup):
             step()
-        rng = random.Random(0)
-        for _ in range(args.repeats):
-            order = list(configs)
-            rng.shuffle(order)
-            for name in order:
-                with configs[name]() as guard:
-                    for _ in range(args.settle):
-                        step()
-                    before = guard.overhead_s if isinstance(guard, gradguard.Guard) else 0.0
-                    block = [step() for _ in range(args.steps)]
-                    if isinstance(guard, gradguard.Guard):
-                        inside[name].append((guard.overhead_s - before) / args.steps)
-                    if name not in stores:
-                        stores[name] = {
-                            "p.grad = None": per_store_ns("p.grad = None", env),
-                            "p.requires_grad_(True)": per_store_ns("p.requires_grad_(True)", env),
-                            "t.requres_grad = False": per_store_ns("t.requres_grad = False", env),
-                        }
-                times[name].extend(block)
+        times, inside = interleave(configs, step, args.repeats, args.settle, args.steps, measure_stores)
         sys.path.remove(folder)
 
     base = statistics.median(times["none"])
