@@ -1,17 +1,37 @@
-"""gradguard: catch the silent mistakes of PyTorch training loops while they run."""
+"""gradguard: catch the silent mistakes of PyTorch training loops while they run.
+
+The names that need torch (``Guard``, ``Detector``, ``GradientAccumulator``, the learning
+rate helpers) load on first use, so that ``import gradguard``, ``gradguard.install`` and the
+command line's ``--help``, ``rules`` and ``explain`` do not import torch before they must.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from gradguard._version import __version__
-from gradguard.accumulate import GradientAccumulator
-from gradguard.detector import Detector
 from gradguard.errors import ConfigurationError, FindingError, FindingWarning, GradGuardError, GradGuardWarning
 from gradguard.explain import explain
 from gradguard.findings import Finding, Location, Severity
-from gradguard.guard import Guard
 from gradguard.install import install, installed, uninstall
-from gradguard.lr import lr_scale_factor, scale_lr
 from gradguard.policy import Policy
 from gradguard.rules import RULES
 from gradguard.sampling import Budget
+
+if TYPE_CHECKING:
+    from gradguard.accumulate import GradientAccumulator
+    from gradguard.detector import Detector
+    from gradguard.guard import Guard
+    from gradguard.lr import lr_scale_factor, scale_lr
+
+_LAZY = {
+    "Detector": "gradguard.detector",
+    "GradientAccumulator": "gradguard.accumulate",
+    "Guard": "gradguard.guard",
+    "lr_scale_factor": "gradguard.lr",
+    "scale_lr": "gradguard.lr",
+}
 
 __all__ = [
     "RULES",
@@ -36,3 +56,16 @@ __all__ = [
     "scale_lr",
     "uninstall",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradguard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

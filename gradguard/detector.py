@@ -232,5 +232,5 @@ class Detector:
 
     @classmethod
     def rule_page(cls) -> str:
-        """The rule page: the class docstring, dedented."""
+        """The rule page, in Markdown: the class docstring, dedented (as :func:`gradguard.pages.markdown` reads it)."""
         return inspect.cleandoc(cls.__doc__ or "")

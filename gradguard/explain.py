@@ -1,61 +1,509 @@
-"""Rule pages: ``gradguard explain CODE``."""
+"""Rule pages: ``gradguard explain CODE``, as Markdown or as text for a terminal.
+
+The pages are Markdown (each detector's docstring, read by :mod:`gradguard.pages` without
+importing torch). :func:`render_terminal` turns Markdown into plain text for a terminal:
+section titles on lines of their own, inline code without its backticks, paragraphs
+wrapped to the width, code blocks indented and kept as written, lists with hanging
+indents, and ANSI bold and colour only when asked for.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from typing import TypeAlias
+
+from gradguard import pages
 from gradguard.errors import ConfigurationError
 from gradguard.rules import RULES, resolve
 
-INTERNAL_ERROR_PAGE = """\
-GG000 internal-error: a detector failed inside gradguard.
+#: The widest text :func:`explain_text` writes, however wide the terminal.
+MAX_WIDTH = 100
+#: The narrowest width :func:`render_terminal` accepts.
+MIN_WIDTH = 20
 
-**What it reports.** A detector raised an exception while watching your training. gradguard
-catches it before it can reach your loop, disables that one detector for the rest of the
-run and reports it once, with the traceback in the finding's ``data``. Training goes on and
-the other detectors keep working.
-
-**Why it matters.** It is a bug in gradguard, not in your code; the disabled detector
-cannot find anything for the rest of the run.
-
-**How to fix it.** Report it with the traceback from the JSON report. Meanwhile, ignore the
-failing rule (``--ignore GG301``) to silence it.
-
-**Example.** ``GG000 internal-error [warning] GG301 memory-growth: detector GG301
-memory-growth failed with RuntimeError: ...; it is disabled for the rest of the run``
-"""
+_CODE_INDENT = "    "
+_FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})[^`]*$")
+_HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
+_ITEM = re.compile(r"^( {0,3})([-*+]|\d{1,9}[.)])( +)(\S.*)$")
+_TITLE = re.compile(r"^\*\*([^*]+?)\.\*\*(?:\s+|$)")
+_LINK = re.compile(r"\[([^\]\n]+)\]\(([^)\s]+)\)")
+_AUTOLINK = re.compile(r"<((?:https?|mailto):[^>\s]+)>")
+_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
 def explain(code_or_name: str) -> str:
-    """The rule page for a code or rule name.
+    """The rule page for a code or rule name, as Markdown (what ``gradguard explain --markdown`` prints).
 
     >>> explain("GG101").splitlines()[0]
     'GG101 missing-zero-grad: gradients applied again by a later update.'
+    >>> "**How to fix it.**" in explain("missing-zero-grad")
+    True
     """
-    code = resolve(code_or_name)
-    if code is None:
-        known = ", ".join(f"{c} ({n})" for c, n in RULES.items())
-        raise ConfigurationError(f"Expected a rule code or name among {known} but got {code_or_name!r}")
-    if code == "GG000":
-        return INTERNAL_ERROR_PAGE
-    from gradguard.detectors import DETECTORS
+    return pages.markdown(_code(code_or_name)) + "\n"
 
-    for cls in DETECTORS:
-        if cls.code == code:
-            return cls.rule_page() + "\n"
-    return f"{code} {RULES[code]}: reserved; this version of gradguard has no detector for it yet.\n"
+
+def explain_text(code_or_name: str, *, width: int | None = None, color: bool | None = None) -> str:
+    """The rule page for a code or rule name, rendered for a terminal (what ``gradguard explain`` prints).
+
+    Args:
+        code_or_name: a code (``"GG101"``) or rule name (``"missing-zero-grad"``).
+        width: the width to wrap to; by default the terminal's, at most :data:`MAX_WIDTH`.
+        color: whether to use ANSI bold and colour; by default only when standard output is
+            a terminal, never when ``NO_COLOR`` is set and always when ``FORCE_COLOR`` is.
+
+    >>> "What it detects" in explain_text("GG101", width=60, color=False).splitlines()
+    True
+    """
+    code = _code(code_or_name)
+    if width is None:
+        width = max(MIN_WIDTH, min(MAX_WIDTH, shutil.get_terminal_size((88, 24)).columns))
+    if color is None:
+        color = use_color()
+    return render_terminal(pages.markdown(code), width=width, color=color) + "\n"
+
+
+def use_color() -> bool:
+    """Whether to colour what goes to standard output.
+
+    ``NO_COLOR`` (set and not empty) turns colour off; otherwise ``FORCE_COLOR`` (set, not
+    empty and not ``0``) turns it on; otherwise colour is used when standard output is a
+    terminal and ``TERM`` is not ``dumb``.
+    """
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR", "0") not in ("", "0"):
+        return True
+    if os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return bool(sys.stdout.isatty())
+    except (AttributeError, ValueError, OSError):  # no stdout, or a closed one
+        return False
 
 
 def rules_table() -> str:
-    """One line per rule: code, name, and whether this version detects it."""
-    from gradguard.detectors import DETECTORS
+    """One line per rule: code, name, and what it detects (``(reserved)`` when this version does not).
 
-    implemented = {cls.code: cls for cls in DETECTORS}
-    lines = []
+    >>> rules_table().splitlines()[1]
+    'GG101  missing-zero-grad            gradients applied again by a later update.'
+    """
+    return "\n".join(f"{code}  {name:<28} {plain_text(pages.summary(code))}" for code, name in RULES.items())
+
+
+def rules_markdown() -> str:
+    """Every rule page in code order, as one Markdown document: ``docs/rules.md``.
+
+    >>> rules_markdown().splitlines()[0]
+    '# Rules'
+    """
+    implemented = pages.implemented()
+    out = [
+        "# Rules",
+        "",
+        "Every mistake gradguard reports has a code that never changes meaning, and a page that says",
+        "what it detects, why it matters, how to fix it, and shows an example. `gradguard explain CODE`",
+        "prints a page in the terminal; `gradguard rules` lists the codes.",
+        "",
+        "This file is generated by `docs/make_rules.py` from the rule pages: the detectors' docstrings",
+        "(`gradguard/detectors/`) and GG000's page (`gradguard/pages.py`). Edit a page there, then run",
+        "`python docs/make_rules.py`.",
+        "",
+    ]
     for code, name in RULES.items():
-        if code == "GG000":
-            summary = "a detector failed; it is disabled and training goes on"
-        elif code in implemented:
-            summary = implemented[code].rule_page().splitlines()[0].split(": ", 1)[-1]
+        summary = pages.summary(code)
+        if code in implemented:
+            out.append(f"- [{code} {name}](#{code.lower()}-{name}): {summary}")
         else:
-            summary = "(reserved)"
-        lines.append(f"{code}  {name:<28} {summary}")
-    return "\n".join(lines)
+            out.append(f"- {code} {name}: reserved; this version of gradguard has no detector for it yet.")
+    for code, name in RULES.items():
+        if code not in implemented:
+            continue
+        page = pages.markdown(code)
+        prefix = f"{code} {name}: "
+        if page.startswith(prefix):
+            page = page[len(prefix) :]
+            page = page[:1].upper() + page[1:]
+        out += ["", f"## {code} {name}", "", page]
+    return "\n".join(out) + "\n"
+
+
+def render_terminal(markdown: str, *, width: int = 88, color: bool = False) -> str:
+    """Markdown as text for a terminal, wrapped to ``width`` columns.
+
+    Headings and bold section titles (a paragraph that starts with ``**Title.**``) go on a
+    line of their own; inline code loses its backticks; paragraphs are wrapped to
+    ``width``, never inside inline code or a URL; fenced code blocks are indented by four
+    spaces and kept as written; list items keep their marker and a hanging indent. With
+    ``color``, titles and bold text are bold and inline code is cyan (ANSI escapes). The
+    result has no trailing newline.
+
+    >>> print(render_terminal("**Why.** Call `opt.zero_grad()`, *then* `loss.backward()`.", width=30))
+    Why
+    Call opt.zero_grad(), then
+    loss.backward().
+    >>> print(render_terminal("- one\\n- two, a longer item\\n  on two lines\\n\\n```python\\nx = 1\\n```", width=20))
+    - one
+    - two, a longer item
+      on two lines
+    <BLANKLINE>
+        x = 1
+    """
+    if not isinstance(markdown, str):
+        raise ConfigurationError(f"Expected markdown to be a str but got {type(markdown).__name__}")
+    if isinstance(width, bool) or not isinstance(width, int) or width < MIN_WIDTH:
+        raise ConfigurationError(f"Expected width to be an int of at least {MIN_WIDTH} but got {width!r}")
+    lines = markdown.expandtabs(4).splitlines()
+    return "\n".join(_render(_blocks(lines), width, bool(color), gap=True))
+
+
+def _code(code_or_name: str) -> str:
+    code = resolve(code_or_name) if isinstance(code_or_name, str) else None
+    if code is None:
+        known = ", ".join(f"{c} ({n})" for c, n in RULES.items())
+        raise ConfigurationError(f"Expected a rule code or name among {known} but got {code_or_name!r}")
+    return code
+
+
+def plain_text(markdown: str) -> str:
+    """One line of inline Markdown as plain text.
+
+    >>> plain_text("reset between `backward()` and **step()**")
+    'reset between backward() and step()'
+    """
+    return "".join(text for text, _ in _inline(markdown))
+
+
+# ------------------------------------------------------------------------------ blocks
+
+
+@dataclasses.dataclass
+class _Heading:
+    text: str
+
+
+@dataclasses.dataclass
+class _Paragraph:
+    text: str
+
+
+@dataclasses.dataclass
+class _Code:
+    lines: list[str]
+
+
+@dataclasses.dataclass
+class _Item:
+    marker: str
+    blocks: list[_Block]
+
+
+@dataclasses.dataclass
+class _List:
+    items: list[_Item]
+    loose: bool
+
+
+_Block: TypeAlias = "_Heading | _Paragraph | _Code | _List"
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _starts_list(line: str, in_paragraph: bool) -> bool:
+    """Whether ``line`` opens a list item (an ordered list interrupts a paragraph only at 1)."""
+    match = _ITEM.match(line)
+    if match is None:
+        return False
+    marker = match.group(2)
+    return not (in_paragraph and marker[0].isdigit() and marker[:-1] != "1")
+
+
+def _blocks(lines: list[str]) -> list[_Block]:
+    """The blocks of a run of lines (a page, or the content of a list item)."""
+    out: list[_Block] = []
+    i, n = 0, len(lines)
+    while i < n:
+        line = lines[i]
+        if not line.strip():
+            i += 1
+            continue
+        fence = _FENCE.match(line)
+        if fence is not None:
+            indent, mark = len(fence.group(1)), fence.group(2)
+            body: list[str] = []
+            i += 1
+            while i < n and not _closes(lines[i], mark):
+                body.append(lines[i][min(indent, _indent(lines[i])) :])
+                i += 1
+            out.append(_Code(body))
+            i += 1
+            continue
+        heading = _HEADING.match(line)
+        if heading is not None:
+            out.append(_Heading(heading.group(1)))
+            i += 1
+            continue
+        if _starts_list(line, in_paragraph=False):
+            i, block = _list(lines, i)
+            out.append(block)
+            continue
+        if _indent(line) >= 4:  # an indented code block
+            body = []
+            while i < n and (not lines[i].strip() or _indent(lines[i]) >= 4):
+                body.append(lines[i][4:])
+                i += 1
+            while body and not body[-1].strip():
+                body.pop()
+            out.append(_Code(body))
+            continue
+        text = [line.strip()]
+        i += 1
+        while i < n and lines[i].strip() and not _interrupts(lines[i]):
+            text.append(lines[i].strip())
+            i += 1
+        out.append(_Paragraph(" ".join(text)))
+    return out
+
+
+def _closes(line: str, mark: str) -> bool:
+    stripped = line.strip()
+    return _indent(line) < 4 and len(stripped) >= len(mark) and set(stripped) == {mark[0]}
+
+
+def _interrupts(line: str) -> bool:
+    """Whether ``line`` ends a paragraph: a fence, a heading or a list item."""
+    return bool(_FENCE.match(line) or _HEADING.match(line) or _starts_list(line, in_paragraph=True))
+
+
+def _list(lines: list[str], i: int) -> tuple[int, _List]:
+    """The list that starts at ``lines[i]``, and the index of the line after it."""
+    n = len(lines)
+    items: list[_Item] = []
+    loose = False
+    kind = _kind(lines[i])
+    while i < n:
+        match = _ITEM.match(lines[i])
+        if match is None or _kind(lines[i]) != kind:  # another bullet or delimiter starts another list
+            break
+        lead, marker, space, first = match.groups()
+        column = len(lead) + len(marker) + min(len(space), 4)
+        body = [first]
+        i += 1
+        while i < n:
+            line = lines[i]
+            if not line.strip():
+                following = _next_text(lines, i)
+                if following < n and _indent(lines[following]) >= column:
+                    body += [""] * (following - i)
+                    loose = True
+                    i = following
+                    continue
+                break
+            if _indent(line) >= column:
+                body.append(line[column:])
+            elif body[-1] == "" or _ITEM.match(line) or _interrupts(line):
+                break
+            else:  # a lazy continuation of the item's paragraph
+                body.append(line.strip())
+            i += 1
+        items.append(_Item("-" if marker in "-*+" else marker, _blocks(body)))
+        following = _next_text(lines, i)
+        if i < following < n and _kind(lines[following]) == kind:
+            loose = True
+            i = following
+    return i, _List(items, loose)
+
+
+def _kind(line: str) -> str:
+    """What a list item's marker says of its list: the bullet, or the delimiter of a number."""
+    match = _ITEM.match(line)
+    return "" if match is None else match.group(2)[-1]
+
+
+def _next_text(lines: list[str], i: int) -> int:
+    while i < len(lines) and not lines[i].strip():
+        i += 1
+    return i
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+def _render(blocks: list[_Block], width: int, color: bool, *, gap: bool) -> list[str]:
+    """Lines for ``blocks``: a blank line between blocks when ``gap``, none after a title."""
+    out: list[str] = []
+    after_title = True
+    for block in blocks:
+        for lines, is_title in _chunks(block, width, color):
+            if out and gap and not after_title:
+                out.append("")
+            out += lines
+            after_title = is_title
+    return out
+
+
+def _chunks(block: _Block, width: int, color: bool) -> Iterator[tuple[list[str], bool]]:
+    """The rendered pieces of one block, each with whether it is a title."""
+    if isinstance(block, _Heading):
+        yield _wrap(block.text, width, color, bold=True), True
+    elif isinstance(block, _Paragraph):
+        title = _TITLE.match(block.text)
+        text = block.text
+        if title is not None:
+            yield _wrap(title.group(1), width, color, bold=True), True
+            text = text[title.end() :]
+        if text:
+            yield _wrap(text, width, color), False
+    elif isinstance(block, _Code):
+        yield [_CODE_INDENT + line if line.strip() else "" for line in block.lines], False
+    else:
+        lines: list[str] = []
+        for k, item in enumerate(block.items):
+            if k and block.loose:
+                lines.append("")
+            hang = " " * (len(item.marker) + 1)
+            body = _render(item.blocks, max(width - len(hang), 1), color, gap=block.loose)
+            for j, line in enumerate(body or [""]):
+                lead = item.marker + " " if j == 0 else hang
+                lines.append(lead + line if line else "" if j else item.marker)
+        yield lines, False
+
+
+_Style: TypeAlias = "tuple[bool, bool, bool]"  # bold, emphasis, code
+_Piece: TypeAlias = "tuple[str, _Style]"
+_PLAIN: _Style = (False, False, False)
+
+
+def _wrap(text: str, width: int, color: bool, *, bold: bool = False) -> list[str]:
+    """Inline Markdown wrapped to ``width`` columns, breaking only at spaces outside code."""
+    words: list[list[_Piece]] = []
+    word: list[_Piece] = []
+    for piece, style in _inline(text):
+        if bold:
+            style = (True, style[1], style[2])
+        if style[2]:  # inline code: its spaces never break
+            word.append((piece, style))
+            continue
+        for part in re.split(r"(\s+)", piece):
+            if part.isspace():
+                if word:
+                    words.append(word)
+                word = []
+            elif part:
+                word.append((part, style))
+    if word:
+        words.append(word)
+    lines: list[list[list[_Piece]]] = []
+    used = 0
+    for word in words:
+        size = sum(len(piece) for piece, _ in word)
+        if lines and used + 1 + size <= width:
+            lines[-1].append(word)
+            used += 1 + size
+        else:
+            lines.append([word])
+            used = size
+    return [_styled(line, color) for line in lines]
+
+
+def _styled(words: list[list[_Piece]], color: bool) -> str:
+    """One line of words joined by spaces, with ANSI escapes around each run of one style."""
+    if not color:
+        return " ".join("".join(piece for piece, _ in word) for word in words)
+    pieces: list[_Piece] = []
+    for word in words:
+        if pieces:  # the space between two words takes their style when they share it
+            pieces.append((" ", word[0][1] if pieces[-1][1] == word[0][1] else _PLAIN))
+        pieces += word
+    out = []
+    for (bold, emphasis, code), run in itertools.groupby(pieces, key=lambda piece: piece[1]):
+        text = "".join(piece for piece, _ in run)
+        codes = [c for c, on in (("1", bold), ("3", emphasis), ("36", code)) if on]
+        out.append(f"\x1b[{';'.join(codes)}m{text}\x1b[0m" if codes else text)
+    return "".join(out)
+
+
+def _inline(text: str) -> list[_Piece]:
+    """Inline Markdown as pieces of text with their style: code spans, bold, emphasis, links."""
+    out: list[_Piece] = []
+    buf: list[str] = []
+    bold = emphasis = False
+
+    def flush() -> None:
+        if buf:
+            out.append(("".join(buf), (bold, emphasis, False)))
+            buf.clear()
+
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\" and i + 1 < n and text[i + 1] in _PUNCTUATION:
+            buf.append(text[i + 1])
+            i += 2
+            continue
+        if c == "`":
+            run = len(text) - i - len(text[i:].lstrip("`"))
+            end = _closing_ticks(text, i + run, run)
+            if end < 0:
+                buf.append("`" * run)
+                i += run
+                continue
+            flush()
+            content = text[i + run : end]
+            if len(content) > 2 and content[0] == content[-1] == " " and content.strip():
+                content = content[1:-1]
+            out.append((content, (bold, emphasis, True)))
+            i = end + run
+            continue
+        if text.startswith("**", i) and _delimits(text, i, 2, bold):
+            flush()
+            bold = not bold
+            i += 2
+            continue
+        if c == "*" and _delimits(text, i, 1, emphasis):
+            flush()
+            emphasis = not emphasis
+            i += 1
+            continue
+        link = _LINK.match(text, i) if c == "[" else _AUTOLINK.match(text, i) if c == "<" else None
+        if link is not None:
+            label, url = (link.group(1), link.group(1)) if c == "<" else link.groups()
+            buf.append(url if label == url else f"{label} ({url})")
+            i = link.end()
+            continue
+        buf.append(c)
+        i += 1
+    flush()
+    return out
+
+
+def _closing_ticks(text: str, start: int, run: int) -> int:
+    """Where the backtick run of exactly ``run`` ticks that closes a code span starts, or -1."""
+    i = text.find("`" * run, start)
+    while i >= 0:
+        end = i + run
+        if (end >= len(text) or text[end] != "`") and text[i - 1] != "`":
+            return i
+        while end < len(text) and text[end] == "`":
+            end += 1
+        i = text.find("`" * run, end)
+    return -1
+
+
+def _delimits(text: str, i: int, size: int, is_open: bool) -> bool:
+    """Whether the ``*`` run at ``i`` opens (or, when ``is_open``, closes) emphasis."""
+    before = text[i - 1] if i > 0 else " "
+    after = text[i + size] if i + size < len(text) else " "
+    if is_open:
+        return not before.isspace() and not after.isalnum()
+    if after.isspace() or before.isalnum() or (size == 1 and after == "*"):
+        return False
+    closing = "**" if size == 2 else "*"
+    return text.find(closing, i + size + 1) > 0

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from gradguard.guard import DetectorSpec, Guard
 from gradguard.sampling import PER_GROUP, Budget
+
+if TYPE_CHECKING:
+    from gradguard.guard import DetectorSpec, Guard
 
 _installed: Guard | None = None
 
@@ -34,6 +37,8 @@ def install(
         >>> gradguard.uninstall() is guard
         True
     """
+    from gradguard.guard import Guard
+
     global _installed
     if _installed is not None:
         raise RuntimeError("gradguard is already installed; call gradguard.uninstall() first")

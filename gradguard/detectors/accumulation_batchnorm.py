@@ -19,12 +19,12 @@ _HINT = (
 class AccumulationBatchNorm(Detector):
     """GG601 accumulation-batchnorm: BatchNorm sees micro-batches, not the accumulated batch.
 
-    **What it detects.** A ``gradguard.GradientAccumulator`` with ``steps > 1`` drives a
-    model that holds BatchNorm layers (any ``_BatchNorm``: ``BatchNorm1d/2d/3d``,
-    ``SyncBatchNorm``, the lazy variants).
+    **What it detects.** A `gradguard.GradientAccumulator` with `steps > 1` drives a
+    model that holds BatchNorm layers (any `_BatchNorm`: `BatchNorm1d/2d/3d`,
+    `SyncBatchNorm`, the lazy variants).
 
     **What it reports.** An info finding, recorded once per model, from the
-    ``AccumulatorWindow`` event the accumulator sends when it is made and at each window
+    `AccumulatorWindow` event the accumulator sends when it is made and at each window
     it applies (so a Guard attached after the accumulator was made records it at the next
     optimizer step). It points at the line that made the accumulator.
 
@@ -37,16 +37,16 @@ class AccumulationBatchNorm(Detector):
     **How to fix it.** Often nothing: with micro-batches of a few dozen samples it is harmless.
     For small micro-batches, use GroupNorm or LayerNorm, SyncBatchNorm across processes (the
     statistics span every process's micro-batch), or freeze the BatchNorm statistics of a
-    pretrained model (put those layers in ``eval()`` mode).
+    pretrained model (put those layers in `eval()` mode).
 
     **Example.**
 
-    .. code-block:: python
-
-        acc = gradguard.GradientAccumulator(opt, steps=16, model=resnet, micro_batch_size=8)
-        # train.py:31: GG601 accumulation-batchnorm [info] bn1, layer1.0.bn1, layer1.0.bn2
-        # and 50 more: BatchNorm normalises with, and tracks, statistics of each
-        # micro-batch (8 samples), not of the accumulated batch of 16 micro-batches
+    ```python
+    acc = gradguard.GradientAccumulator(opt, steps=16, model=resnet, micro_batch_size=8)
+    # train.py:31: GG601 accumulation-batchnorm [info] bn1, layer1.0.bn1, layer1.0.bn2
+    # and 50 more: BatchNorm normalises with, and tracks, statistics of each
+    # micro-batch (8 samples), not of the accumulated batch of 16 micro-batches
+    ```
     """
 
     code = "GG601"

@@ -55,11 +55,11 @@ class FrozenNormStats(Detector):
     """GG404 frozen-norm-stats-updating: a frozen normalisation layer in train mode.
 
     **What it detects.** A batch or instance normalisation layer with running statistics
-    (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``InstanceNorm*`` with
-    ``track_running_stats=True``) whose affine parameters are all frozen, or that has none
+    (`BatchNorm1d/2d/3d`, `SyncBatchNorm`, `InstanceNorm*` with
+    `track_running_stats=True`) whose affine parameters are all frozen, or that has none
     and sits in a module whose parameters are all frozen, but that is in train mode: each
-    forward still overwrites ``running_mean`` and ``running_var``. ``requires_grad=False``
-    stops gradients, not the statistics, which ``model.train()`` turns back on. gradguard
+    forward still overwrites `running_mean` and `running_var`. `requires_grad=False`
+    stops gradients, not the statistics, which `model.train()` turns back on. gradguard
     watches the version counters of the running-stat buffers between steps (of every such
     layer during the first steps, then of a rotating few), and reports a layer once its
     statistics changed over two looks while its parameters stayed frozen and unchanged
@@ -71,18 +71,18 @@ class FrozenNormStats(Detector):
     weights stay put, and the accuracy of the frozen features degrades with no error.
 
     **How to fix it.** Put the frozen part in eval mode, and again after every
-    ``model.train()`` (which switches every submodule back): override ``train()`` in your
-    module, or call ``model.backbone.eval()`` at the start of each epoch. If you do want
+    `model.train()` (which switches every submodule back): override `train()` in your
+    module, or call `model.backbone.eval()` at the start of each epoch. If you do want
     the statistics to adapt, leave the layer's affine parameters trainable or say so by
     ignoring this rule.
 
     **Example.**
 
-    .. code-block:: python
-
-        model.backbone.requires_grad_(False)
-        model.train()                          # GG404: the backbone's BatchNorm still updates
-        # fix: model.train(); model.backbone.eval()
+    ```python
+    model.backbone.requires_grad_(False)
+    model.train()                          # GG404: the backbone's BatchNorm still updates
+    # fix: model.train(); model.backbone.eval()
+    ```
     """
 
     code = "GG404"

@@ -45,11 +45,11 @@ def _mover(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch
 class FrozenParamUpdated(Detector):
     """GG402 frozen-param-updated: an optimizer step changed a frozen parameter.
 
-    **What it detects.** A parameter with ``requires_grad=False`` that ``optimizer.step()``
+    **What it detects.** A parameter with `requires_grad=False` that `optimizer.step()`
     writes to. Freezing stops new gradients, but not the optimizer: when the gradient of
-    a parameter frozen during training is a tensor of zeros rather than ``None`` (what
-    ``zero_grad(set_to_none=False)`` leaves), the built-in optimizers still update it,
-    and weight decay (``p -= lr * wd * p``) and momentum or Adam moments kept from before
+    a parameter frozen during training is a tensor of zeros rather than `None` (what
+    `zero_grad(set_to_none=False)` leaves), the built-in optimizers still update it,
+    and weight decay (`p -= lr * wd * p`) and momentum or Adam moments kept from before
     the freezing move it step after step. gradguard compares the version counters of
     frozen parameters before and after each step (all of them during the first steps,
     then a rotating few per param group): exact, and no value is read.
@@ -58,23 +58,23 @@ class FrozenParamUpdated(Detector):
     or keep going in the last direction of the momentum, destroying the pretrained
     features you meant to keep, while the loss curve looks normal.
 
-    **How to fix it.** Clear the gradients of frozen parameters (``p.grad = None``) and use
-    ``optimizer.zero_grad(set_to_none=True)`` (the default since PyTorch 2.0); better,
+    **How to fix it.** Clear the gradients of frozen parameters (`p.grad = None`) and use
+    `optimizer.zero_grad(set_to_none=True)` (the default since PyTorch 2.0); better,
     keep frozen parameters out of the optimizer, or drop their state
-    (``optimizer.state.pop(p, None)``) when you freeze them.
+    (`optimizer.state.pop(p, None)`) when you freeze them.
 
     **Example.**
 
-    .. code-block:: python
+    ```python
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    ...                                   # some epochs later:
+    model.backbone.requires_grad_(False)
+    opt.zero_grad(set_to_none=False)      # grads become zeros, not None
+    loss.backward(); opt.step()           # GG402: the backbone still moves
+    # fix: opt.zero_grad() (set_to_none=True), or p.grad = None for frozen p
+    ```
 
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        ...                                   # some epochs later:
-        model.backbone.requires_grad_(False)
-        opt.zero_grad(set_to_none=False)      # grads become zeros, not None
-        loss.backward(); opt.step()           # GG402: the backbone still moves
-        # fix: opt.zero_grad() (set_to_none=True), or p.grad = None for frozen p
-
-    **Limitations.** Fused optimizers (``fused=True``) write through a kernel that does not
+    **Limitations.** Fused optimizers (`fused=True`) write through a kernel that does not
     bump version counters; for them gradguard reports the step only when the update is
     certain from metadata alone (a gradient tensor present together with weight decay or
     momentum state). A write that leaves the values unchanged (plain SGD adding a zero

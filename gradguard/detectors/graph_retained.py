@@ -40,65 +40,65 @@ class GraphRetained(Detector):
 
     **What it detects.** A tensor that carries an autograd graph keeps every tensor that
     graph saved for backward, and every earlier graph it was computed from. When a variable
-    the program holds (``total_loss``, a list ``history``, an attribute
-    ``self.step_losses``) reaches the graphs of several iterations, and reaches more of them
+    the program holds (`total_loss`, a list `history`, an attribute
+    `self.step_losses`) reaches the graphs of several iterations, and reaches more of them
     iteration after iteration, the history of the run stays in memory. gradguard stamps the
-    graph of each iteration, in ``grad_fn.metadata``, at the output of a watched model's
-    forward and at the loss given to ``backward()``, and at iteration boundaries walks, with
+    graph of each iteration, in `grad_fn.metadata`, at the output of a watched model's
+    forward and at the loss given to `backward()`, and at iteration boundaries walks, with
     bounded walks, only the graphs of what the user's frames, closures, containers, models'
     modules and the globals of the program's own files hold.
-    It reports the variable and the line that fills it (the ``append`` inside a helper, not
+    It reports the variable and the line that fills it (the `append` inside a helper, not
     the call of the helper), and how many iterations of history it spans:
 
-    - the running total ``total_loss += loss``, with an optimizer or with updates written by
-      hand (``p.data.add_(p.grad, alpha=-lr)``), where each ``backward()`` is an iteration;
+    - the running total `total_loss += loss`, with an optimizer or with updates written by
+      hand (`p.data.add_(p.grad, alpha=-lr)`), where each `backward()` is an iteration;
     - a list of loss or output tensors kept for logging, also on a module that only calls
-      its submodules (a ``LightningModule`` whose ``training_step`` calls ``self.net(x)``
-      and appends to ``self.step_losses``);
+      its submodules (a `LightningModule` whose `training_step` calls `self.net(x)`
+      and appends to `self.step_losses`);
     - a recurrent hidden state fed back into the model from batch to batch without
-      ``detach()``: with ``backward(retain_graph=True)`` the graph, and the cost of each
+      `detach()`: with `backward(retain_graph=True)` the graph, and the cost of each
       backward, grow without bound (it is reported at the first forward that links the
       graph of one step to that of an earlier one);
     - outputs collected, or a hidden state carried, in an evaluation loop run with
       autograd on, alone or between training epochs: calls of a model with no
-      ``backward()`` between them are iterations. Such a finding is made when the next
-      ``backward()`` shows the graphs were not a rollout (REINFORCE keeps the
+      `backward()` between them are iterations. Such a finding is made when the next
+      `backward()` shows the graphs were not a rollout (REINFORCE keeps the
       log-probabilities of an episode for one backward), or when the run ends.
 
     An iteration is what the program does: optimizer steps when there are some (a GAN's
     optimizers make one step when each has stepped; an LBFGS closure and accumulation
-    micro-batches belong to their ``step()``), else ``backward()`` calls, else model calls.
-    With no optimizer step, findings wait until 64 ``backward()`` calls or the end of the run
+    micro-batches belong to their `step()`), else `backward()` calls, else model calls.
+    With no optimizer step, findings wait until 64 `backward()` calls or the end of the run
     show none comes. A graph that spans one iteration, however old, is not reported.
 
     **Why it matters.** Memory grows with every step until the process runs out of it, far
-    from the line that caused it; with ``retain_graph=True`` every backward also walks the
+    from the line that caused it; with `retain_graph=True` every backward also walks the
     whole history, so steps get slower and slower (the PyTorch FAQ's most common leak).
 
-    **How to fix it.** Keep numbers, not graph tensors: ``total_loss += loss.item()``,
-    ``history.append(loss.item())`` (or ``loss.detach()`` to stay on the device). Detach a
-    carried hidden state at each batch: ``hidden = hidden.detach()`` (for an LSTM,
-    ``hidden = tuple(h.detach() for h in hidden)``). Evaluate under ``torch.no_grad()`` or
-    ``torch.inference_mode()``.
+    **How to fix it.** Keep numbers, not graph tensors: `total_loss += loss.item()`,
+    `history.append(loss.item())` (or `loss.detach()` to stay on the device). Detach a
+    carried hidden state at each batch: `hidden = hidden.detach()` (for an LSTM,
+    `hidden = tuple(h.detach() for h in hidden)`). Evaluate under `torch.no_grad()` or
+    `torch.inference_mode()`.
 
     **Example.**
 
-    .. code-block:: python
+    ```python
+    total_loss = 0.0
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss        # GG201: keeps the graph of every step alive
+        # fix: total_loss += loss.item()
+    ```
 
-        total_loss = 0.0
-        for x, y in loader:
-            optimizer.zero_grad()
-            loss = criterion(model(x), y)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss        # GG201: keeps the graph of every step alive
-            # fix: total_loss += loss.item()
-
-    **Cost.** A stamp per model call and per ``backward()``; at each iteration boundary
+    **Cost.** A stamp per model call and per `backward()`; at each iteration boundary
     (every one during the warm-up, the first 32, then every 16th) a look at the user's frames
     and at the attributes of a rotating few of the models' modules, and walks of at most a
     few hundred graph nodes per held value. No tensor value is read, no GPU synchronised. A
-    graph of no watched model's and never given to ``backward()`` is not seen.
+    graph of no watched model's and never given to `backward()` is not seen.
     """
 
     code = "GG201"

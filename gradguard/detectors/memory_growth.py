@@ -33,7 +33,7 @@ class MemoryGrowth(Detector):
     keeping freed blocks) does not count: the window must grow in both halves and keep
     growing through a short confirmation window. Then it looks deeper, once: it counts the
     live tensors by shape, dtype, device and autograd state twice, notes which Python
-    containers (list, dict, deque, set, ``functools.lru_cache``) gained entries and what
+    containers (list, dict, deque, set, `functools.lru_cache`) gained entries and what
     those weigh (numpy arrays and plain Python objects included), and names the variable
     or module attribute that holds what grows. A temporary of the step (a batch of a shape
     not seen before, held by a local variable) explains nothing.
@@ -55,40 +55,41 @@ class MemoryGrowth(Detector):
     device or host will run out at this rate.
 
     **How to fix it.** Keep only what you need, only as long as you need it: store
-    ``loss.item()`` rather than ``loss``, ``out.detach()`` rather than ``out``, evaluate
-    under ``torch.no_grad()``, bound the container (``collections.deque(maxlen=...)``) or
-    clear it each epoch; reset a metric each epoch (``metric.reset()``).
+    `loss.item()` rather than `loss`, `out.detach()` rather than `out`, evaluate
+    under `torch.no_grad()`, bound the container (`collections.deque(maxlen=...)`) or
+    clear it each epoch; reset a metric each epoch (`metric.reset()`).
 
     **Example.**
 
-    .. code-block:: python
+    ```python
+    cache = {}
+    for step, (x, y) in enumerate(loader):
+        out = model(x)
+        cache[step] = out.detach()       # GG301: `cache` (dict, train.py:31) gains
+        loss = criterion(out, y)         # 1 tensor [1024, 512] float32 (2 MiB) per step
+        ...
+    ```
 
-        cache = {}
-        for step, (x, y) in enumerate(loader):
-            out = model(x)
-            cache[step] = out.detach()       # GG301: `cache` (dict, train.py:31) gains
-            loss = criterion(out, y)         # 1 tensor [1024, 512] float32 (2 MiB) per step
-            ...
-
-    **How it knows, at little cost.** One sample per step reads counters only (``psutil``
-    and ``torch.cuda.memory_stats``); it never synchronises the GPU. The tensor census
-    (``gc.get_objects()`` and ``gc.get_referrers``) runs only after the trend has fired,
+    **How it knows, at little cost.** One sample per step reads counters only (`psutil`
+    and `torch.cuda.memory_stats`); it never synchronises the GPU. The tensor census
+    (`gc.get_objects()` and `gc.get_referrers`) runs only after the trend has fired,
     twice. On CUDA, allocation stacks are recorded with
-    ``torch.cuda.memory._record_memory_history`` during the confirmation window only.
+    `torch.cuda.memory._record_memory_history` during the confirmation window only.
     Loops without an optimizer (evaluation) are sampled once per root forward instead.
     Metric list states are looked at when an integration reports the start of an epoch.
 
-    Args:
-        warmup: steps skipped at the start, while the optimizer creates its state and the
-            allocators warm up.
-        window: samples in the trend window.
-        confirm: samples in the confirmation window that follows a suspected growth.
-        min_rate_mib: the smallest rate, in MiB per step, reported by the window test.
-        min_growth_mib: the smallest growth, in MiB over the window, reported.
-        census: whether to take the census of live tensors and containers that names the
-            culprit; without it, a growth is a warning only once it kept growing over the
-            longer window.
-        cuda_history: whether to record CUDA allocation stacks while confirming a growth.
+    **Arguments.** Keyword-only, for an instance given to `Guard(detectors=[...])`:
+
+    - `warmup`: steps skipped at the start, while the optimizer creates its state and the
+      allocators warm up.
+    - `window`: samples in the trend window.
+    - `confirm`: samples in the confirmation window that follows a suspected growth.
+    - `min_rate_mib`: the smallest rate, in MiB per step, reported by the window test.
+    - `min_growth_mib`: the smallest growth, in MiB over the window, reported.
+    - `census`: whether to take the census of live tensors and containers that names the
+      culprit; without it, a growth is a warning only once it kept growing over the
+      longer window.
+    - `cuda_history`: whether to record CUDA allocation stacks while confirming a growth.
     """
 
     code = "GG301"

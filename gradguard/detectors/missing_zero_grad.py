@@ -21,46 +21,46 @@ from gradguard.sampling import Rotation
 class MissingZeroGrad(Detector):
     """GG101 missing-zero-grad: gradients applied again by a later update.
 
-    **What it detects.** ``backward()`` adds to ``.grad``; it never overwrites it. When the
+    **What it detects.** `backward()` adds to `.grad`; it never overwrites it. When the
     gradients are not reset between two parameter updates, the next update applies the
     new gradient *plus every gradient already applied before*. gradguard watches the
-    version counters of gradients and parameters around each ``backward()`` and each
+    version counters of gradients and parameters around each `backward()` and each
     optimizer step, and reports an update that uses a gradient which an earlier update
     already consumed and nothing reset since. It covers optimizer steps, each inner update
-    of LBFGS (which calls the closure several times inside one ``step()``), and
-    hand-written updates with no optimizer: ``p -= lr * p.grad`` under ``no_grad``, and the
-    ``p.data.add_(p.grad, alpha=-lr)`` of older code (at the ``backward()`` line, once
-    ``backward()`` has added to the same gradient after three such updates in a row).
+    of LBFGS (which calls the closure several times inside one `step()`), and
+    hand-written updates with no optimizer: `p -= lr * p.grad` under `no_grad`, and the
+    `p.data.add_(p.grad, alpha=-lr)` of older code (at the `backward()` line, once
+    `backward()` has added to the same gradient after three such updates in a row).
 
     **Why it matters.** Training does not fail: the effective gradient is a running sum
     of every past gradient, so the update grows step after step, the loss oscillates or
     diverges, and nothing points at the missing line.
 
-    **How to fix it.** Reset the gradients once per update, after ``step()`` or before
-    ``backward()``: ``optimizer.zero_grad()`` (or ``model.zero_grad()``, or
-    ``p.grad = None``). With LBFGS, call ``optimizer.zero_grad()`` at the start of the
+    **How to fix it.** Reset the gradients once per update, after `step()` or before
+    `backward()`: `optimizer.zero_grad()` (or `model.zero_grad()`, or
+    `p.grad = None`). With LBFGS, call `optimizer.zero_grad()` at the start of the
     closure. For gradient accumulation, reset after each *real* step only: that is
     correct and is not reported.
 
     **Example.**
 
-    .. code-block:: python
-
-        for x, y in loader:
-            loss = criterion(model(x), y)
-            loss.backward()
-            optimizer.step()          # GG101: gradients of earlier steps applied again
-            # fix: optimizer.zero_grad() here (or before backward)
+    ```python
+    for x, y in loader:
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()          # GG101: gradients of earlier steps applied again
+        # fix: optimizer.zero_grad() here (or before backward)
+    ```
 
     **How it knows, at no cost.** No hook sits on any parameter and no tensor value is
-    read on the normal path: before and after each ``backward()`` the version counters of
+    read on the normal path: before and after each `backward()` the version counters of
     a few sampled parameters per param group are compared (every parameter during the
-    first 32 steps and at scheduled sweeps; see ``Guard(budget=...)``). Only when a stale
+    first 32 steps and at scheduled sweeps; see `Guard(budget=...)`). Only when a stale
     gradient is suspected is it checked for non-zero values, to tell it from one cleared
-    with ``.grad.data.zero_()`` (which bumps no counter); on a GPU this check never waits.
-    A gradient changed in place between the last update and the next ``backward()`` by
-    anything but ``backward()`` counts as reset. An update through ``.data`` moves no version
-    counter: eight values of each of eight watched parameters are copied after ``backward()``
+    with `.grad.data.zero_()` (which bumps no counter); on a GPU this check never waits.
+    A gradient changed in place between the last update and the next `backward()` by
+    anything but `backward()` counts as reset. An update through `.data` moves no version
+    counter: eight values of each of eight watched parameters are copied after `backward()`
     and compared on the device before the next, with the gradient's (a reset leaves zeros).
     """
 

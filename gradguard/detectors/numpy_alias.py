@@ -22,9 +22,9 @@ _MAX_WRITTEN = 1_024
 class NumpyAliasMutated(Detector):
     """GG501 numpy-alias-mutated: a tensor and a numpy array share memory, and one side changed under the other.
 
-    **What it detects.** ``torch.from_numpy(a)``, ``torch.as_tensor(a)``, the legacy
-    ``torch.Tensor(a)``, ``torch.FloatTensor(a)``, ``LongTensor(a)``... (with no dtype change:
-    ``float32`` for ``torch.Tensor``) and ``t.numpy()`` make no copy: the tensor and the array
+    **What it detects.** `torch.from_numpy(a)`, `torch.as_tensor(a)`, the legacy
+    `torch.Tensor(a)`, `torch.FloatTensor(a)`, `LongTensor(a)`... (with no dtype change:
+    `float32` for `torch.Tensor`) and `t.numpy()` make no copy: the tensor and the array
     are two views of one memory. gradguard records each alias your code makes (weak references
     to both sides, the line that made it, the tensor's version counter and a checksum of the
     bytes) and reports an alias *used* after the other side changed:
@@ -32,45 +32,45 @@ class NumpyAliasMutated(Detector):
     - **a buffer refilled and aliased again**: a line makes another alias of the same
       memory while an alias that *the same line* made earlier is still alive and the bytes
       have changed since, and that earlier alias is still alive at the next optimizer step
-      or the next alias of that memory (so a variable simply rebound, ``x =
-      torch.from_numpy(buf)`` in a loop, is fine). It covers the loader that refills one
-      array for every sample and keeps the tensors in a list, and a list of
-      ``p.detach().numpy()`` "snapshots" of a parameter that the optimizer keeps updating;
+      or the next alias of that memory (so a variable simply rebound,
+      `x = torch.from_numpy(buf)` in a loop, is fine). It covers the loader that refills
+      one array for every sample and keeps the tensors in a list, and a list of
+      `p.detach().numpy()` "snapshots" of a parameter that the optimizer keeps updating;
     - **a stale tensor used**: such an earlier tensor enters a watched model's forward;
     - **an array rewritten in place through its tensor**: an in-place op on a
-      ``from_numpy`` tensor (``x.sub_(mean)``) changed the caller's array (seen when the
+      `from_numpy` tensor (`x.sub_(mean)`) changed the caller's array (seen when the
       tensor, or a view of it, enters a forward), and the same line then reads that array
       again, still holding the rewritten values (the next epoch normalises it again).
 
-    Calls made by torch itself (``DataLoader`` collation, ``Tensor.__array__``) are not
+    Calls made by torch itself (`DataLoader` collation, `Tensor.__array__`) are not
     tracked: their tensors are stacked into fresh memory.
 
     **Why it matters.** Nothing fails: every tensor of the dataset list becomes the last
     sample, every entry of the weight history is the current weight, the data is
     normalised twice. Training runs on wrong numbers, and the plots look plausible.
 
-    **How to fix it.** Copy where you need a snapshot: ``torch.from_numpy(buf.copy())`` or
-    ``torch.tensor(buf)`` (not ``torch.Tensor``); ``p.detach().numpy().copy()`` or
-    ``p.detach().clone()``; and normalise out of place, ``x = (x - mean) / std``.
+    **How to fix it.** Copy where you need a snapshot: `torch.from_numpy(buf.copy())` or
+    `torch.tensor(buf)` (not `torch.Tensor`); `p.detach().numpy().copy()` or
+    `p.detach().clone()`; and normalise out of place, `x = (x - mean) / std`.
 
     **Example.**
 
-    .. code-block:: python
-
-        buf = np.empty(784, dtype=np.float32)
-        data = []
-        for path in files:
-            buf[:] = load(path)
-            data.append(torch.from_numpy(buf))   # GG501: every entry is the last sample
-            # fix: data.append(torch.from_numpy(buf.copy())); so with torch.Tensor(buf)
+    ```python
+    buf = np.empty(784, dtype=np.float32)
+    data = []
+    for path in files:
+        buf[:] = load(path)
+        data.append(torch.from_numpy(buf))   # GG501: every entry is the last sample
+        # fix: data.append(torch.from_numpy(buf.copy())); so with torch.Tensor(buf)
+    ```
 
     **Cost and limits.** These calls are wrapped only while attached (a microsecond per call
-    from your code, a few more to record an alias; ``torch.Tensor`` gets an ``__init__`` that
-    tensors made by torch never call, ``torch.FloatTensor`` and kin stand-ins that answer as
+    from your code, a few more to record an alias; `torch.Tensor` gets an `__init__` that
+    tensors made by torch never call, `torch.FloatTensor` and kin stand-ins that answer as
     the originals); checksums read at most 4 KiB or 256 sampled elements; at most 10,000
     aliases are tracked. A write that touches none of the sampled elements of a large array
-    goes unseen, and so does a name taken by ``from torch import from_numpy`` (or
-    ``FloatTensor``) before the guard attached.
+    goes unseen, and so does a name taken by `from torch import from_numpy` (or
+    `FloatTensor`) before the guard attached.
     """
 
     code = "GG501"

@@ -22,34 +22,34 @@ class OptimizerUpdatesNothing(Detector):
     """GG406 optimizer-updates-nothing: an optimizer none of whose tensors ever gets a gradient.
 
     **What it detects.** An optimizer all of whose parameters are frozen
-    (``requires_grad=False``) or never receive a gradient, step after step: every
-    ``step()`` skips every tensor, so nothing is updated. The usual cause is a fine-tuning
+    (`requires_grad=False`) or never receive a gradient, step after step: every
+    `step()` skips every tensor, so nothing is updated. The usual cause is a fine-tuning
     script that freezes the backbone and then builds the optimizer from the backbone (the
     frozen part) instead of the head, or unfreezes the head after making the optimizer from
     parameters that were all frozen. gradguard looks, right after each of the optimizer's
-    first steps, for a ``.grad`` on any tensor of its param groups (after ``step()``, so a
-    gradient made by a closure passed to ``step()`` counts), and reports it once, after
+    first steps, for a `.grad` on any tensor of its param groups (after `step()`, so a
+    gradient made by a closure passed to `step()` counts), and reports it once, after
     3 steps without a single gradient, naming the optimizer's variable, what its groups
     hold, and the trainable parameters that no optimizer holds. The finding points at the
-    line that made the optimizer (``opt = torch.optim.SGD(...)``, or the call in
-    Lightning's ``configure_optimizers``), else at the ``step()`` call.
+    line that made the optimizer (`opt = torch.optim.SGD(...)`, or the call in
+    Lightning's `configure_optimizers`), else at the `step()` call.
 
     **Why it matters.** No error, no warning: the loss goes on being computed, the
     scheduler steps, and the model never learns. With a frozen backbone the loss is flat
     from the first step; behind a metric logged once an epoch it can take hours to notice.
 
     **How to fix it.** Build the optimizer from the parameters you train, after freezing
-    and unfreezing: ``SGD(model.head.parameters())``, or
-    ``SGD(p for p in model.parameters() if p.requires_grad)``. If you unfreeze more layers
-    later, add them with ``optimizer.add_param_group(...)``.
+    and unfreezing: `SGD(model.head.parameters())`, or
+    `SGD(p for p in model.parameters() if p.requires_grad)`. If you unfreeze more layers
+    later, add them with `optimizer.add_param_group(...)`.
 
     **Example.**
 
-    .. code-block:: python
-
-        model.backbone.requires_grad_(False)
-        opt = torch.optim.SGD(model.backbone.parameters(), lr=0.1)   # GG406: all frozen
-        # fix: opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    ```python
+    model.backbone.requires_grad_(False)
+    opt = torch.optim.SGD(model.backbone.parameters(), lr=0.1)   # GG406: all frozen
+    # fix: opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    ```
 
     **One finding per mistake.** The same mistake leaves the head in no optimizer: GG403
     param-not-in-optimizer stays quiet about it (this finding names the head), and GG405
@@ -58,7 +58,7 @@ class OptimizerUpdatesNothing(Detector):
     not this rule's.
 
     **Cost.** Nothing after each optimizer's first steps. At each of them, the tensors of
-    the optimizer are looked at until one with a ``.grad`` is found: one tensor when the
+    the optimizer are looked at until one with a `.grad` is found: one tensor when the
     first holds a gradient, all of them only for an optimizer that updates nothing, at 3
     steps at most. Once every optimizer of the run is decided (seen with a gradient, or
     reported), the rule stops listening to steps until another optimizer comes.

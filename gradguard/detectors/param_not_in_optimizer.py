@@ -36,9 +36,9 @@ class ParamNotInOptimizer(Detector):
     **What it detects.** A parameter of a watched model that requires gradients and
     receives them, but belongs to none of the optimizers in use, and that nothing else
     updates either. The classic case replaces a layer after the optimizer was made
-    (``model.fc = nn.Linear(...)`` after ``SGD(model.parameters())``): the optimizer
+    (`model.fc = nn.Linear(...)` after `SGD(model.parameters())`): the optimizer
     still holds the old layer's tensors, and the new layer never learns. Ownership is
-    checked by identity (``is``), never by value, so two zero-initialised biases are never
+    checked by identity (`is`), never by value, so two zero-initialised biases are never
     confused. A parameter is reported only once it has kept a gradient and an unchanged
     version counter (nobody wrote to it) for a few steps while at least one optimizer is
     known, so hand-written updates and optimizers that step later are not reported. Every
@@ -48,17 +48,17 @@ class ParamNotInOptimizer(Detector):
     layers, but the new head keeps its random initialisation.
 
     **How to fix it.** Make the optimizer after the model is final, or add the new
-    parameters: ``optimizer.add_param_group({"params": model.fc.parameters()})``. If
+    parameters: `optimizer.add_param_group({"params": model.fc.parameters()})`. If
     they are not meant to train (a teacher model whose output was not detached), freeze
-    them with ``requires_grad_(False)``, which also saves their backward.
+    them with `requires_grad_(False)`, which also saves their backward.
 
     **Example.**
 
-    .. code-block:: python
-
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        model.fc = torch.nn.Linear(512, 10)   # GG403: the new fc is not in opt
-        # fix: create the optimizer after replacing the layer
+    ```python
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.fc = torch.nn.Linear(512, 10)   # GG403: the new fc is not in opt
+    # fix: create the optimizer after replacing the layer
+    ```
 
     **One finding per mistake.** The tensors of the replaced layer that the optimizer still
     holds get no gradient any more: this finding names them, by their old module paths
@@ -68,7 +68,7 @@ class ParamNotInOptimizer(Detector):
     instead of the head), the head's parameters are not reported here: GG406
     optimizer-updates-nothing reports that optimizer and names them.
 
-    **Limitations.** A parameter updated only through ``p.data`` (which bumps no version
+    **Limitations.** A parameter updated only through `p.data` (which bumps no version
     counter) while optimizers update the others looks un-updated and is reported.
     """
 

@@ -45,31 +45,31 @@ class ParamWithoutGrad(Detector):
     """GG405 param-without-grad: a trainable parameter that never gets a gradient.
 
     **What it detects.** A parameter that an optimizer updates and that requires
-    gradients, but that has received no gradient for ``window`` (20) consecutive steps
-    of its optimizer. Its forward cuts it out of the graph: it is used through ``.data``
-    or ``.detach()``, computed under ``torch.no_grad()``, or not used at all. A parameter
+    gradients, but that has received no gradient for `window` (20) consecutive steps
+    of its optimizer. Its forward cuts it out of the graph: it is used through `.data`
+    or `.detach()`, computed under `torch.no_grad()`, or not used at all. A parameter
     that gets a gradient on some steps (heads of several tasks trained in turn) is fine.
-    With ``zero_grad()`` (``set_to_none=True``) a missing gradient is a ``.grad`` of
-    ``None`` at ``step()``; when ``.grad`` tensors are kept and zeroed in place instead,
-    their version counters before and after each ``backward()`` tell whether backward
+    With `zero_grad()` (`set_to_none=True`) a missing gradient is a `.grad` of
+    `None` at `step()`; when `.grad` tensors are kept and zeroed in place instead,
+    their version counters before and after each `backward()` tell whether backward
     reached the parameter. No value is read. Every parameter is watched during the first
-    steps, then blocks of a few per param group, each for ``window`` steps in a row.
+    steps, then blocks of a few per param group, each for `window` steps in a row.
 
     **Why it matters.** The parameter never learns, though the optimizer lists it and
     nothing fails; with the detached path the model can still fit, more poorly.
 
-    **How to fix it.** Use the parameter itself in forward (not ``p.data`` or
-    ``p.detach()``, and not under ``torch.no_grad()``). If it is meant to stay fixed,
-    register it as a buffer or freeze it (``requires_grad_(False)``) and keep it out of the
+    **How to fix it.** Use the parameter itself in forward (not `p.data` or
+    `p.detach()`, and not under `torch.no_grad()`). If it is meant to stay fixed,
+    register it as a buffer or freeze it (`requires_grad_(False)`) and keep it out of the
     optimizer.
 
     **Example.**
 
-    .. code-block:: python
-
-        def forward(self, x):
-            return x @ self.weight.detach().T + self.bias   # GG405: weight never learns
-        # fix: return x @ self.weight.T + self.bias
+    ```python
+    def forward(self, x):
+        return x @ self.weight.detach().T + self.bias   # GG405: weight never learns
+    # fix: return x @ self.weight.T + self.bias
+    ```
 
     **One finding per mistake.** The tensors of a layer replaced after the optimizer was
     made get no gradient either, but they are GG403 param-not-in-optimizer's finding, which
@@ -77,7 +77,7 @@ class ParamWithoutGrad(Detector):
     GG406 optimizer-updates-nothing's, which names the optimizer. Neither is reported here.
 
     **Report.** When a model becomes known, the counts of trainable and frozen parameters
-    of each of its top-level modules go into the report, under ``detectors["GG405"]``.
+    of each of its top-level modules go into the report, under `detectors["GG405"]`.
     """
 
     code = "GG405"

@@ -33,10 +33,10 @@ def _value_ignored(param: torch.Tensor, value: Any) -> bool:
 class RequiresGradTypo(Detector):
     """GG401 requires-grad-typo: a misspelt requires_grad froze nothing.
 
-    **What it detects.** An attribute whose name is a near miss of ``requires_grad``
-    (``requres_grad``, ``require_grad``, ``requires_grads``, ``requiresgrad``,
-    ``Requires_Grad``, ...) set on a parameter. Python accepts any attribute name on a
-    tensor, so ``p.requres_grad = False`` raises nothing: it stores a new attribute that
+    **What it detects.** An attribute whose name is a near miss of `requires_grad`
+    (`requres_grad`, `require_grad`, `requires_grads`, `requiresgrad`,
+    `Requires_Grad`, ...) set on a parameter. Python accepts any attribute name on a
+    tensor, so `p.requres_grad = False` raises nothing: it stores a new attribute that
     nothing reads, and the parameter keeps training. The assignment is caught whenever it
     runs, at step 0 or in the middle of a fine-tuning schedule, in the training loop or in
     a function it calls: gradguard reads the program's own files once for such names, and
@@ -44,35 +44,35 @@ class RequiresGradTypo(Detector):
     in a program that misspells none). At the end of that step, the parameters the
     assignment left trainable against its wish are reported, at the line of the
     assignment, in one finding per line that grows as more parameters are named.
-    Assignments that no file spells out (``setattr(p, name, False)`` with a computed name)
+    Assignments that no file spells out (`setattr(p, name, False)` with a computed name)
     are found on the parameters themselves when a model or optimizer becomes known and
     during the first steps. A name counts as a near miss when, ignoring case and
     underscores, it is within two edits (insertions, deletions, substitutions, swaps of
-    neighbours) of ``requires_grad``; the real attribute and the other attributes tensors
+    neighbours) of `requires_grad`; the real attribute and the other attributes tensors
     have are never reported, nor is a misspelt assignment that asked for what is already
-    the case (``p.requres_grad = True`` on a trainable parameter).
+    the case (`p.requres_grad = True` on a trainable parameter).
 
     **Why it matters.** The layers you meant to freeze are trained: fine-tuning destroys
     the pretrained features, uses more memory and time, and nothing fails.
 
-    **How to fix it.** Spell it ``requires_grad``, or better call the method, which
-    cannot be misspelt silently: ``module.requires_grad_(False)`` or
-    ``p.requires_grad_(False)``.
+    **How to fix it.** Spell it `requires_grad`, or better call the method, which
+    cannot be misspelt silently: `module.requires_grad_(False)` or
+    `p.requires_grad_(False)`.
 
     **Example.**
 
-    .. code-block:: python
-
-        for step, batch in enumerate(loader):
-            if step == 1000:                      # freeze the backbone from now on
-                for p in model.backbone.parameters():
-                    p.requres_grad = False        # GG401: the backbone is still trained
-            # fix: model.backbone.requires_grad_(False)
+    ```python
+    for step, batch in enumerate(loader):
+        if step == 1000:                      # freeze the backbone from now on
+            for p in model.backbone.parameters():
+                p.requres_grad = False        # GG401: the backbone is still trained
+        # fix: model.backbone.requires_grad_(False)
+    ```
 
     **Cost.** After the first steps, which look at every parameter's own attributes,
     nothing per step in a program whose files assign no near miss: no name is watched and
     no check runs. Where a name is watched, each store of it costs a few microseconds;
-    stores of any other attribute (``p.grad = None`` in ``zero_grad()``) cost nothing more.
+    stores of any other attribute (`p.grad = None` in `zero_grad()`) cost nothing more.
     """
 
     code = "GG401"

@@ -52,47 +52,47 @@ class _Watch:
 
 
 class ZeroGradBeforeStep(Detector):
-    """GG102 zero-grad-before-step: gradients reset between ``backward()`` and ``step()``.
+    """GG102 zero-grad-before-step: gradients reset between `backward()` and `step()`.
 
     **What it detects.** An optimizer step that runs right after the gradients of its
-    parameters were reset: ``loss.backward(); optimizer.zero_grad(); optimizer.step()``.
-    gradguard sees every ``zero_grad()`` of an optimizer or of a module, and reports the
-    step whose last ``backward()`` left gradients that a ``zero_grad()`` covering every
-    parameter of that optimizer then reset, with no ``backward()`` in between, two steps in
-    a row. It reports at the ``zero_grad()`` line. A step with *every* gradient ``None``
-    although a ``backward()`` filled them since the last step is reported too: at the last
-    ``zero_grad()`` that reset some of them (a model reset part by part), else at the
-    ``p.grad = None`` of the loop (a reset by hand), else at the ``step()`` line.
+    parameters were reset: `loss.backward(); optimizer.zero_grad(); optimizer.step()`.
+    gradguard sees every `zero_grad()` of an optimizer or of a module, and reports the
+    step whose last `backward()` left gradients that a `zero_grad()` covering every
+    parameter of that optimizer then reset, with no `backward()` in between, two steps in
+    a row. It reports at the `zero_grad()` line. A step with *every* gradient `None`
+    although a `backward()` filled them since the last step is reported too: at the last
+    `zero_grad()` that reset some of them (a model reset part by part), else at the
+    `p.grad = None` of the loop (a reset by hand), else at the `step()` line.
 
-    **Why it matters.** The step gets none of the gradients ``backward()`` just computed:
-    with ``set_to_none=True`` (the default) it skips every parameter, otherwise it applies
+    **Why it matters.** The step gets none of the gradients `backward()` just computed:
+    with `set_to_none=True` (the default) it skips every parameter, otherwise it applies
     zeros (and momentum or weight decay alone). The loss does not go down, and nothing
     fails or warns.
 
-    **How to fix it.** Reset once per update, *before* ``backward()`` or *after*
-    ``step()``. Gradient accumulation (several ``backward()``, then ``step()``, then the
+    **How to fix it.** Reset once per update, *before* `backward()` or *after*
+    `step()`. Gradient accumulation (several `backward()`, then `step()`, then the
     reset), a GAN whose optimizers reset their own parameters before their own
-    ``backward()``, and LBFGS with a closure that resets and then calls ``backward()``
-    inside ``step()`` are correct and are not reported.
+    `backward()`, and LBFGS with a closure that resets and then calls `backward()`
+    inside `step()` are correct and are not reported.
 
     **Example.**
 
-    .. code-block:: python
+    ```python
+    for x, y in loader:
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.zero_grad()     # GG102: the step below gets no gradient
+        optimizer.step()
+        # fix: call optimizer.zero_grad() before loss.backward()
+    ```
 
-        for x, y in loader:
-            loss = criterion(model(x), y)
-            loss.backward()
-            optimizer.zero_grad()     # GG102: the step below gets no gradient
-            optimizer.step()
-            # fix: call optimizer.zero_grad() before loss.backward()
-
-    **Cost.** ``zero_grad()`` of optimizers and modules is wrapped while a guard is
-    attached. After the warm-up, one step in four is watched: after each ``backward()``,
-    whether one sampled parameter per optimizer has a gradient; at each ``zero_grad()``, a
+    **Cost.** `zero_grad()` of optimizers and modules is wrapped while a guard is
+    attached. After the warm-up, one step in four is watched: after each `backward()`,
+    whether one sampled parameter per optimizer has a gradient; at each `zero_grad()`, a
     few counters (a module is matched with the optimizers once per model structure). The
-    check of *every* gradient at ``step()`` runs during the first 32 steps and then every
+    check of *every* gradient at `step()` runs during the first 32 steps and then every
     256 steps. Nothing is read from a device. A reset written by hand in place
-    (``p.grad.zero_()``) between ``backward()`` and ``step()`` is not seen.
+    (`p.grad.zero_()`) between `backward()` and `step()` is not seen.
     """
 
     code = "GG102"
