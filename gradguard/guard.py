@@ -65,7 +65,8 @@ class Guard:
         optimizer: an optimizer, or a list of optimizers, whose ``step()`` marks a step.
         detectors: which detectors to run: codes, rule names, classes or configured
             instances. All registered detectors by default.
-        policy: ``"warn"`` (default), ``"raise"`` or ``"collect"``.
+        policy: ``"warn"`` (default), ``"raise"`` or ``"collect"``, or a :class:`Policy`
+            (which then holds ``select`` and ``ignore``).
         select: code prefixes or rule names to keep; all by default.
         ignore: code prefixes or rule names to drop.
         json_path: where :meth:`detach` writes the JSON report, if anywhere.
@@ -95,17 +96,24 @@ class Guard:
         optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
         *,
         detectors: Sequence[DetectorSpec] | None = None,
-        policy: str = "warn",
+        policy: str | Policy = "warn",
         select: Iterable[str] | str | None = None,
         ignore: Iterable[str] | str | None = None,
         json_path: str | os.PathLike[str] | None = None,
         global_hooks: bool = False,
         budget: Budget | int | None = PER_GROUP,
     ) -> None:
-        self.policy = Policy(policy, select=_tuple(select), ignore=_tuple(ignore))
+        if isinstance(policy, Policy):
+            if select is not None or ignore is not None:
+                raise ConfigurationError("Expected select and ignore inside the Policy given, not beside it")
+            self.policy = policy
+        else:
+            self.policy = Policy(policy, select=_tuple(select), ignore=_tuple(ignore))
         models = _as_list(model, torch.nn.Module, "model")
         optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer")
         self.json_path = os.fspath(json_path) if json_path is not None else None
+        #: How the run was started, for the report; ``None``: this process's ``sys.argv``.
+        self.command: dict[str, Any] | None = None
         self.global_hooks = bool(global_hooks)
         self.budget = Budget.of(budget)
         self.run = Run(self.budget)
@@ -434,6 +442,8 @@ class Guard:
             wall_s=self.wall_s,
             detectors=[d.code for d in self._detectors],
             detector_data=extra,
+            suppressed=self.ledger.suppressed,
+            command=self.command,
         )
 
     def write_json(self, path: str | os.PathLike[str]) -> None:

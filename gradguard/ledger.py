@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from gradguard import suppress
 from gradguard.errors import ConfigurationError
 from gradguard.findings import Finding, Severity
 from gradguard.introspect.frames import user_location
@@ -32,18 +33,30 @@ class Ledger:
         self.policy = policy
         self._findings: dict[tuple[Any, ...], Finding] = {}
         self._restored: set[tuple[Any, ...]] = set()  # from a checkpoint, not seen again in this run yet
+        self._suppressed: dict[tuple[Any, ...], Finding] = {}  # dropped by a comment at their line
         self.callbacks: list[Callable[[Finding], None]] = []
 
     @property
     def findings(self) -> list[Finding]:
         return list(self._findings.values())
 
+    @property
+    def suppressed(self) -> list[Finding]:
+        """Findings dropped by a ``# gradguard: ignore[...]`` comment at their location."""
+        return list(self._suppressed.values())
+
     def record(self, finding: Finding) -> Finding | None:
         """Merge into the findings; return the finding if it is new.
 
         A finding restored from a checkpoint that happens again counts as new once: a resumed
-        run warns about what is still wrong.
+        run warns about what is still wrong. A finding that a comment at its line ignores is
+        kept aside, never published.
         """
+        hidden = self._suppressed.get(finding.key)
+        if hidden is not None or (finding.key not in self._findings and suppress.suppressed(finding)):
+            count = hidden.count + finding.count if hidden is not None else finding.count
+            self._suppressed[finding.key] = dataclasses.replace(finding, count=count)
+            return None
         known = self._findings.get(finding.key)
         if known is not None:
             merged = self._findings[finding.key] = dataclasses.replace(known, count=known.count + finding.count)
@@ -62,6 +75,10 @@ class Ledger:
 
     def revise(self, finding: Finding, **changes: Any) -> Finding:
         """Replace a published finding by a revised one, keeping its place, first step and count."""
+        hidden = self._suppressed.get(finding.key)
+        if hidden is not None and set(changes) <= _REVISABLE:
+            revised = self._suppressed[finding.key] = dataclasses.replace(hidden, **changes)
+            return revised
         known = self._findings.get(finding.key)
         if known is None:
             raise ConfigurationError(f"Expected a finding of this guard but got {finding}")

@@ -6,14 +6,14 @@ import datetime
 import json
 import os
 import platform
+import stat
 import sys
 import tempfile
 from collections import Counter
 from typing import Any
 
-import torch
-
 from gradguard._version import __version__
+from gradguard.errors import ConfigurationError
 from gradguard.findings import Finding, Severity
 
 REPORT_VERSION = 1
@@ -21,6 +21,8 @@ REPORT_VERSION = 1
 
 def environment() -> dict[str, Any]:
     """Versions and devices of the running process."""
+    import torch
+
     cuda = torch.cuda.is_available()
     env: dict[str, Any] = {
         "python": platform.python_version(),
@@ -35,6 +37,22 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def command_record(argv: list[str] | None = None, *, module: str | None = None) -> dict[str, Any]:
+    """How the process was started: its arguments, script or module, folder and interpreter.
+
+    >>> command_record(["train.py", "--lr", "3"])["argv"]
+    ['train.py', '--lr', '3']
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if module is None:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = getattr(spec, "name", None)
+    script = None
+    if module is None and argv and os.path.isfile(argv[0]):
+        script = os.path.abspath(argv[0])
+    return {"argv": argv, "script": script, "module": module, "cwd": os.getcwd(), "python": sys.executable}
+
+
 def build_report(
     *,
     findings: list[Finding],
@@ -44,25 +62,94 @@ def build_report(
     wall_s: float,
     detectors: list[str],
     detector_data: dict[str, Any],
+    suppressed: list[Finding] | None = None,
+    command: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The JSON report (``version`` :data:`REPORT_VERSION`); :func:`load_report` reads it back."""
     by_severity = Counter(f.severity.value for f in findings)
+    hidden = list(suppressed or ())
     return {
         "version": REPORT_VERSION,
         "gradguard": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else command_record(),
         "summary": {
             "steps": steps,
             "iterations": iterations,
             "findings": len(findings),
             "by_severity": {s.value: by_severity.get(s.value, 0) for s in Severity},
+            "suppressed": len(hidden),
             "overhead_s": round(overhead_s, 6),
             "wall_s": round(wall_s, 6),
             "detectors": detectors,
         },
         "environment": environment(),
         "findings": [f.to_dict() for f in findings],
+        "suppressed": [f.to_dict() for f in hidden],
         "detectors": detector_data,
     }
+
+
+def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a JSON report; bad input raises :class:`ConfigurationError` in one line.
+
+    The report must be an object with a ``version`` this gradguard reads, a ``summary``
+    object and a ``findings`` list whose entries are findings.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            report = json.load(fh)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read report {os.fspath(path)}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigurationError(f"{os.fspath(path)} is not JSON: {exc}") from None
+    check_report(report, str(os.fspath(path)))
+    return report
+
+
+def check_report(report: Any, name: str = "report") -> None:
+    """Raise :class:`ConfigurationError` unless ``report`` has the shape of a gradguard report.
+
+    >>> check_report({"version": 1, "summary": {}, "findings": []})
+    >>> check_report({"a": 1}, "r.json")
+    Traceback (most recent call last):
+    ...
+    gradguard.errors.ConfigurationError: r.json is not a gradguard report: expected a "version" key
+    >>> check_report({"version": 99, "summary": {}, "findings": []}, "r.json")
+    Traceback (most recent call last):
+    ...
+    gradguard.errors.ConfigurationError: r.json is a version 99 report; this gradguard (...) reads version 1
+    """
+
+    def bad(why: str) -> ConfigurationError:
+        return ConfigurationError(f"{name} is not a gradguard report: {why}")
+
+    if not isinstance(report, dict):
+        raise bad(f"expected a JSON object but got {type(report).__name__}")
+    if "version" not in report:
+        raise bad('expected a "version" key')
+    version = report["version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise bad(f"expected an integer version but got {version!r}")
+    if version > REPORT_VERSION:
+        raise ConfigurationError(
+            f"{name} is a version {version} report; this gradguard ({__version__}) reads version {REPORT_VERSION}"
+        )
+    if not isinstance(report.get("summary"), dict):
+        raise bad('expected a "summary" object')
+    findings = report.get("findings")
+    if not isinstance(findings, list):
+        raise bad('expected a "findings" list')
+    for i, item in enumerate(findings):
+        try:
+            Finding.from_dict(item)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            why = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise bad(f"findings[{i}] is not a finding ({why})") from None
+    for key in ("steps", "overhead_s", "wall_s"):
+        value = report["summary"].get(key, 0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad(f"summary.{key} must be a number but got {value!r}")
 
 
 def write_json_atomic(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -71,19 +158,42 @@ def write_json_atomic(report: dict[str, Any], path: str | os.PathLike[str]) -> N
 
 
 def write_text_atomic(text: str, path: str | os.PathLike[str]) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it."""
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it.
+
+    The file gets the mode a plain ``open(path, "w")`` would give it: that of the file it
+    replaces, or ``0o666`` less the umask.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=".gradguard-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no way to read it but to set it: put it back at once
+    os.umask(mask)
+    return mask
 
 
 def _json_default(value: Any) -> Any:
@@ -92,7 +202,9 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
-def format_summary(findings: list[Finding], *, steps: int, overhead_s: float, wall_s: float) -> str:
+def format_summary(
+    findings: list[Finding], *, steps: int, overhead_s: float, wall_s: float, suppressed: int = 0
+) -> str:
     """A readable summary of a run's findings, for a terminal.
 
     >>> from gradguard.findings import Finding, Location, Severity
@@ -105,7 +217,11 @@ def format_summary(findings: list[Finding], *, steps: int, overhead_s: float, wa
           fix: Call zero_grad()
     """
     noun = "finding" if len(findings) == 1 else "findings"
-    head = f"gradguard: {len(findings)} {noun} in {steps} steps (gradguard took {overhead_s:.2f} s of {wall_s:.2f} s)"
+    hidden = f", {suppressed} suppressed by comments" if suppressed else ""
+    head = (
+        f"gradguard: {len(findings)} {noun} in {steps} steps{hidden} "
+        f"(gradguard took {overhead_s:.2f} s of {wall_s:.2f} s)"
+    )
     if not findings:
         return head
     lines = [head, ""]
