@@ -1,29 +1,26 @@
-"""The command line: ``gradguard run``, ``gradguard report``, ``gradguard explain``, ``gradguard rules``."""
+"""The command line: ``gradguard run``, ``report``, ``explain`` and ``rules``.
+
+Only ``run`` imports torch (when the guard starts): ``--help``, ``--version``, ``rules``,
+``explain`` and ``report`` answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
-import runpy
-import signal
 import sys
-import traceback
 from collections.abc import Sequence
-from types import FrameType, TracebackType
 from typing import Any, NoReturn
 
 from gradguard._version import __version__
+from gradguard.config import FORMATS, Config, load_config, parse_budget
 from gradguard.errors import ConfigurationError
-from gradguard.explain import explain, rules_table
 from gradguard.findings import Finding, Severity
-from gradguard.install import install, uninstall
-from gradguard.report import format_summary
-from gradguard.sampling import PER_GROUP
+from gradguard.outputs import Outputs, check_outputs
 
 EXIT_USAGE = 2
 EXIT_STRICT = 3
-DEFAULT_JSON = "gradguard-report.json"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gradguard",
         description="Catch the silent mistakes of PyTorch training loops while they run.",
+        epilog="Settings may also come from [tool.gradguard] in pyproject.toml; options given here win.",
     )
     parser.add_argument("--version", action="version", version=f"gradguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
@@ -44,189 +42,195 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run a training script unchanged under gradguard",
-        description="Run SCRIPT exactly as `python SCRIPT ARGS` would, watching every model and optimizer.",
+        usage="gradguard run [OPTIONS] (SCRIPT | -m MODULE) [ARGS ...]",
+        description="Run SCRIPT (or -m MODULE) exactly as `python SCRIPT ARGS` would, watching every model and "
+        "optimizer. Every output path is checked before the program starts.",
     )
-    run.add_argument("--json", metavar="PATH", default=DEFAULT_JSON, help=f"JSON report path (default {DEFAULT_JSON})")
+    _outputs(run)
     run.add_argument("--no-json", action="store_true", help="write no JSON report")
-    run.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report")
-    run.add_argument("--policy", choices=["warn", "raise", "collect"], default="warn", help="what a finding does")
-    run.add_argument("--strict", action="store_true", help=f"exit with {EXIT_STRICT} if any warning or error was found")
-    run.add_argument("--select", action="append", default=[], metavar="CODES", help="code prefixes or names to keep")
-    run.add_argument("--ignore", action="append", default=[], metavar="CODES", help="code prefixes or names to drop")
+    run.add_argument("--policy", choices=["warn", "raise", "collect"], help="what a finding does (default warn)")
+    run.add_argument("--select", action="append", metavar="CODES", help="code prefixes or names to keep")
+    run.add_argument("--ignore", action="append", metavar="CODES", help="code prefixes or names to drop")
     run.add_argument(
         "--budget",
         type=_budget,
-        default=PER_GROUP,
         metavar="N|all",
-        help=f"parameter tensors per param group that per-parameter checks look at per step after the "
-        f"first 32 steps (default {PER_GROUP}); 'all' looks at every tensor at every step",
+        help="parameter tensors per param group that per-parameter checks look at per step after the "
+        "first 32 steps (default 4); 'all' looks at every tensor at every step",
     )
-    run.add_argument("script", metavar="SCRIPT", help="the Python script to run")
-    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
+    run.add_argument("-m", dest="module", metavar="MODULE", help="run a module, as `python -m MODULE` would")
+    run.add_argument("script", nargs="?", metavar="SCRIPT", help="the Python script to run")
+    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the program's own arguments")
 
     rep = sub.add_parser(
         "report",
-        help="summarise a JSON report, or turn it into HTML",
+        help="print a JSON report as text, JSON, SARIF or GitHub annotations, or turn it into HTML",
         description="Print the findings of a JSON report written by `gradguard run` or Guard.write_json().",
     )
     rep.add_argument("report", metavar="JSON", help="the JSON report")
-    rep.add_argument("--html", metavar="PATH", help="write a self-contained HTML report there")
+    _outputs(rep, json=False)
 
     exp = sub.add_parser(
         "explain", help="print a rule's page", description="Print what a rule detects and how to fix it."
     )
     exp.add_argument("rule", metavar="CODE", help="a code (GG101) or name (missing-zero-grad)")
+    exp.add_argument("--markdown", action="store_true", help="print the page as Markdown")
 
     sub.add_parser("rules", help="list every rule", description="List every rule code and name.")
     return parser
 
 
+def _outputs(parser: argparse.ArgumentParser, json: bool = True) -> None:
+    if json:
+        parser.add_argument("--json", metavar="PATH", help="JSON report path (default gradguard-report.json)")
+    parser.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
+    parser.add_argument("--sarif", metavar="PATH", help="write a SARIF 2.1.0 report (for code scanning)")
+    parser.add_argument(
+        "--format", choices=FORMATS, help="what to print at the end: text (default), json, sarif or github annotations"
+    )
+    parser.add_argument("--strict", action="store_true", default=None, help=f"exit {EXIT_STRICT} on a warning or error")
+    parser.add_argument("--config", metavar="PYPROJECT", help="read [tool.gradguard] from this file")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradguard`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    ns = parser.parse_args(argv)
-    if ns.command == "explain":
-        try:
-            sys.stdout.write(explain(ns.rule))
-        except ConfigurationError as exc:
-            parser.exit(EXIT_USAGE, f"gradguard: error: {exc}\n")
-        return 0
-    if ns.command == "rules":
-        print(rules_table())
-        return 0
-    if ns.command == "report":
-        return _report(parser, ns)
-    return _run(parser, ns)
-
-
-def _run(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
-    script = ns.script
-    if not os.path.isfile(script):
-        parser.exit(EXIT_USAGE, f"gradguard: error: no such script: {script}\n")
-    json_path = None if ns.no_json else ns.json
+    ns = parser.parse_args(_split_run(argv, parser))
     try:
-        guard = install(policy=ns.policy, select=ns.select, ignore=ns.ignore, budget=ns.budget)
+        if ns.command == "explain":
+            return _explain(ns)
+        if ns.command == "rules":
+            from gradguard.explain import rules_table
+
+            print(rules_table())
+            return 0
+        config = load_config(ns.config)
+        if ns.command == "report":
+            return _report(ns, config)
+        return _run(ns, config, argv)
     except ConfigurationError as exc:
         parser.exit(EXIT_USAGE, f"gradguard: error: {exc}\n")
 
+
+def _split_run(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Put ``--`` before the program's own arguments, so that none is taken for gradguard's."""
+    if not argv or argv[0] != "run":
+        return argv
+    run = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    takes_value = {s for a in run._actions if a.nargs != 0 for s in a.option_strings}
+    i = 1
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            return argv
+        if token == "-m":
+            return [*argv[: i + 2], "--", *argv[i + 2 :]]
+        if not token.startswith("-") or token == "-":
+            return [*argv[:i], "--", *argv[i:]]
+        i += 2 if token in takes_value else 1
+    return argv
+
+
+def _explain(ns: argparse.Namespace) -> int:
+    from gradguard.explain import explain, explain_text
+
+    page = explain(ns.rule) if ns.markdown else explain_text(ns.rule)
+    sys.stdout.write(page.rstrip("\n") + "\n")
+    return 0
+
+
+def _settings(ns: argparse.Namespace, config: Config, *, run: bool) -> Outputs:
+    json_path = None
+    if run:
+        if ns.no_json and ns.json is not None:
+            raise ConfigurationError("--no-json and --json conflict: give one of them")
+        json_path = None if ns.no_json else (ns.json if ns.json is not None else config.json)
+    return Outputs(
+        json=json_path,
+        html=ns.html if ns.html is not None else config.html,
+        sarif=ns.sarif if ns.sarif is not None else config.sarif,
+        format=ns.format or config.format,
+        strict=ns.strict if ns.strict is not None else config.strict,
+    )
+
+
+def _run(ns: argparse.Namespace, config: Config, argv: list[str]) -> int:
+    target = ns.module if ns.module is not None else ns.script
+    args = list(ns.args)
+    if ns.script is not None and ns.module is not None:
+        args = [ns.script, *args]
+    if target is None:
+        raise ConfigurationError("expected a SCRIPT to run, or -m MODULE")
+    if ns.module is None and not os.path.isfile(target):
+        raise ConfigurationError(f"no such script: {target}")
+    if ns.module is not None and not _module_exists(ns.module):
+        raise ConfigurationError(f"no module named {ns.module}")
+    outputs = _settings(ns, config, run=True)
+    check_outputs(outputs, program=None if ns.module is not None else target)
+
+    from gradguard.install import install, uninstall
+    from gradguard.report import command_record
+
+    guard = install(
+        policy=ns.policy or config.policy,
+        select=ns.select if ns.select is not None else config.select,
+        ignore=ns.ignore if ns.ignore is not None else config.ignore,
+        budget=parse_budget(ns.budget) if ns.budget is not None else config.budget,
+    )
+    record = command_record(["gradguard", *argv], module=ns.module)
+    record["script"] = os.path.abspath(target) if ns.module is None else None
+    record["module"] = ns.module
+    guard.command = record
+
     def save(_finding: Any = None) -> None:
-        if json_path is not None:
-            guard.write_json(json_path)
+        if outputs.json is not None:
+            guard.write_json(outputs.json)
 
     guard.finding_callbacks.append(save)  # nothing found is lost if the process dies
-    code = _exec_script(script, list(ns.args))
+    from gradguard.launch import run_module, run_script
+
+    code = run_module(ns.module, args) if ns.module is not None else run_script(target, args)
     uninstall()
-    try:
-        save()
-    except OSError as exc:
-        print(f"gradguard: could not write {json_path}: {exc}", file=sys.stderr)
-        json_path = None
-    print(
-        format_summary(
-            guard.findings, steps=guard.step, overhead_s=guard.overhead_s, wall_s=guard.to_dict()["summary"]["wall_s"]
-        ),
-        file=sys.stderr,
-    )
-    if json_path is not None:
-        print(f"gradguard: report written to {json_path}", file=sys.stderr)
-    if ns.html:
-        try:
-            guard.write_html(ns.html)
-            print(f"gradguard: HTML report written to {ns.html}", file=sys.stderr)
-        except OSError as exc:
-            print(f"gradguard: could not write {ns.html}: {exc}", file=sys.stderr)
-    if ns.strict and code == 0 and any(f.severity >= Severity.WARNING for f in guard.findings):
+    report = guard.to_dict()
+    if not outputs.write(report, text_to_stderr=True) and code == 0:
+        return 1
+    if outputs.strict and code == 0 and _loud(report):
         return EXIT_STRICT
     return code
 
 
-def _report(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
-    try:
-        with open(ns.report, encoding="utf-8") as fh:
-            report = json.load(fh)
-        findings = [Finding.from_dict(f) for f in report.get("findings", [])]
-        summary = report.get("summary", {})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        parser.exit(EXIT_USAGE, f"gradguard: error: cannot read report {ns.report}: {exc}\n")
-    print(
-        format_summary(
-            findings,
-            steps=int(summary.get("steps", 0)),
-            overhead_s=float(summary.get("overhead_s", 0.0)),
-            wall_s=float(summary.get("wall_s", 0.0)),
-        )
-    )
-    if ns.html:
-        from gradguard.report_html import write_html
+def _report(ns: argparse.Namespace, config: Config) -> int:
+    from gradguard.report import load_report
 
-        try:
-            write_html(report, ns.html)
-        except OSError as exc:
-            parser.exit(1, f"gradguard: error: could not write {ns.html}: {exc}\n")
-        print(f"gradguard: HTML report written to {ns.html}", file=sys.stderr)
-    return 0
-
-
-def _budget(text: str) -> int | None:
-    if text == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of tensors or 'all' but got {text!r}")
-    return value
-
-
-def _exec_script(script: str, args: list[str]) -> int:
-    """Run ``script`` as ``python script args`` would; return its exit code."""
-    path = os.path.abspath(script)
-    saved_argv, saved_path = sys.argv, list(sys.path)
-    sys.argv = [script, *args]
-    sys.path.insert(0, os.path.dirname(path))
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _terminate)
-    try:
-        runpy.run_path(path, run_name="__main__")
-        return 0
-    except SystemExit as exc:
-        return _exit_code(exc.code)
-    except KeyboardInterrupt:
-        print("KeyboardInterrupt", file=sys.stderr)
-        return 130
-    except BaseException as exc:
-        _print_user_traceback(exc, path)
+    outputs = _settings(ns, config, run=False)
+    check_outputs(outputs, program=None)
+    report = load_report(ns.report)
+    if not outputs.write(report, text_to_stderr=False):
         return 1
+    return EXIT_STRICT if outputs.strict and _loud(report) else 0
+
+
+def _loud(report: dict[str, Any]) -> bool:
+    return any(Finding.from_dict(f).severity >= Severity.WARNING for f in report["findings"])
+
+
+def _module_exists(module: str) -> bool:
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
     finally:
-        sys.argv = saved_argv
-        sys.path[:] = saved_path
-        if previous is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        sys.stdout.flush()
+        sys.path.pop(0)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _exit_code(code: object) -> int:
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code
-    print(code, file=sys.stderr)
-    return 1
-
-
-def _print_user_traceback(exc: BaseException, script: str) -> None:
-    tb: TracebackType | None = exc.__traceback__
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != script:
-        tb = tb.tb_next
-    # Start at the script's own frame, as `python SCRIPT` would; a script that never ran
-    # (a SyntaxError) shows the error alone.
-    traceback.print_exception(type(exc), exc, tb)
+def _budget(text: str) -> str:
+    try:
+        parse_budget(text)
+        return text
+    except ConfigurationError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tensors or 'all' but got {text!r}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

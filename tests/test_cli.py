@@ -1,4 +1,5 @@
 import json
+import sys
 import textwrap
 
 import pytest
@@ -129,7 +130,7 @@ def test_the_budget_option_reaches_the_guard(budget, expected, monkeypatch, tmp_
         seen.update(kwargs)
         raise gradguard.ConfigurationError("stop here")
 
-    monkeypatch.setattr(cli, "install", fake_install)
+    monkeypatch.setattr(sys.modules["gradguard.install"], "install", fake_install)
     script = tmp_path / "train.py"
     script.write_text("print('never')\n")
     with pytest.raises(SystemExit):
