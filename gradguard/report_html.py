@@ -1,20 +1,24 @@
 """The report for people: one self-contained HTML file, built only from the JSON report.
 
-No network, no script: inline CSS and an inline SVG plot. Every string that comes from
-the run (messages, paths, variable names) is escaped, so the file can be rebuilt at any
-time from the JSON with ``gradguard report run.json --html report.html``.
+No network, no script: inline CSS and an inline SVG plot (:mod:`gradguard.report_plot`).
+Every string that comes from the run (messages, paths, variable names, the command line)
+is escaped, so the file can be rebuilt at any time from the JSON with
+``gradguard report run.json --html report.html``. Evidence is shown as of the end of the
+run where the report has it (the detectors' end-of-run data, each finding's last
+version), labelled apart from what was measured when the finding was first made.
 """
 
 from __future__ import annotations
 
 import html
 import os
+import re
+import shlex
 from collections.abc import Sequence
 from typing import Any
 
 from gradguard.report import write_text_atomic
-
-MiB = float(1 << 20)
+from gradguard.report_plot import Marker, MiB, format_duration, growth_evidence, memory_plot, seconds_per_step
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
@@ -24,10 +28,26 @@ h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #dde1e8;padding-bot
 .muted{color:#667085}table{border-collapse:collapse;width:100%;margin:.5em 0}
 th,td{text-align:left;vertical-align:top;padding:.35em .6em;border-bottom:1px solid #e6e8ee}
 th{background:#f5f6f8;font-weight:600}code{font:12.5px ui-monospace,SFMono-Regular,Menlo,monospace}
+td{overflow-wrap:break-word}.cmd{background:#f5f6f8;padding:.4em .6em;border-radius:4px;overflow-wrap:anywhere}
 .sev{display:inline-block;padding:0 .45em;border-radius:3px;color:#fff;font-size:12px}
 .sev-error{background:#c0362c}.sev-warning{background:#c77800}.sev-info{background:#4a6fa5}
-.ok{color:#217a3c}svg text{font:11px system-ui,sans-serif;fill:#475467}
+.ok{color:#217a3c}.evidence{margin:.4em 0 0;padding-left:1.1em}.evidence li{margin:.15em 0}
+.plot{overflow-x:auto}.plot svg{width:100%;min-width:600px;height:auto}
+svg text{font:11px system-ui,sans-serif;fill:#475467}svg .marker text{font-weight:600}
+.legend{list-style:none;padding:0;margin:.3em 0;display:flex;flex-wrap:wrap;gap:.2em 1.4em;font-size:13px}
+.swatch{display:inline-block;width:22px;margin-right:.4em;vertical-align:middle}.nowrap{white-space:nowrap}
+tr:target{background:#fff6d6}.marker:target .marker-line{stroke-width:3}
+@media (max-width:700px){.findings thead{position:absolute;left:-9999px}
+.findings tr,.findings td{display:block}td{overflow-wrap:anywhere}.findings td{border:0;padding:.15em 0}
+.findings tr{border-bottom:1px solid #dde1e8;padding:.5em 0}
+.findings td:empty{display:none}.findings td[data-label]::before{content:attr(data-label) ": ";font-weight:600}
+svg text{font-size:17px}}
 """
+_CODE_SPAN = re.compile(r"``(.+?)``|`([^`\n]+)`")
+_STRONG = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*")
+_COLOURS = {"error": "#c0362c", "warning": "#c77800", "info": "#4a6fa5"}
+_RANK = {"info": 0, "warning": 1, "error": 2}
+_ENVIRONMENT = ("torch", "device", "python", "platform")
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -38,8 +58,12 @@ def render_html(report: dict[str, Any]) -> str:
     True
     """
     summary = report.get("summary") or {}
-    findings = report.get("findings") or []
+    findings = [f for f in report.get("findings") or [] if isinstance(f, dict)]
     memory = (report.get("detectors") or {}).get("GG301")
+    memory = memory if isinstance(memory, dict) else None
+    xs = [x for x in ((memory or {}).get("series") or {}).get("step") or [] if isinstance(x, (int, float))]
+    marked = memory is not None and memory.get("clock", "step") == "step"  # findings count steps, not iterations
+    markers = _markers(findings, xs[0] - 1, max(xs[-1], summary.get("steps") or 0)) if marked and xs else []
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -49,12 +73,15 @@ def render_html(report: dict[str, Any]) -> str:
         "<h1>gradguard report</h1>",
         f'<p class="muted">{_e(_headline(report, summary))}</p>',
     ]
-    if isinstance(memory, dict) and memory.get("series", {}).get("step"):
+    command = _command_line(report.get("command"))
+    if command:
+        parts.append(f'<p class="cmd">Command: <code>{_e(command)}</code></p>')
+    if memory is not None and xs:
         parts.append("<h2>Memory per step</h2>")
-        parts.append(memory_plot(memory))
+        parts.append(f'<div class="plot">{memory_plot(memory, markers)}</div>')
     parts.append("<h2>Findings</h2>")
-    parts.append(_findings_table(findings))
-    if isinstance(memory, dict):
+    parts.append(_findings_table(findings, memory, summary, {m.anchor for m in markers}))
+    if memory is not None:
         groups = (memory.get("census") or {}).get("groups") or []
         if groups:
             parts.append("<h2>Growing tensor groups</h2>")
@@ -64,7 +91,7 @@ def render_html(report: dict[str, Any]) -> str:
             parts.append("<h2>CUDA allocation sites still alive</h2>")
             parts.append(_sites_table(sites))
     parts.append("<h2>Environment</h2>")
-    parts.append(_environment(report, memory if isinstance(memory, dict) else None))
+    parts.append(_environment(report, memory))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -72,6 +99,34 @@ def render_html(report: dict[str, Any]) -> str:
 def write_html(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write :func:`render_html` to ``path`` atomically."""
     write_text_atomic(render_html(report), path)
+
+
+def inline_html(text: Any) -> str:
+    """A message or hint as escaped HTML: backtick spans become ``<code>``, ``**`` emphasis is dropped.
+
+    >>> inline_html("`cache` grows **fast**: ``a**2`` & <b>")
+    '<code>cache</code> grows fast: <code>a**2</code> &amp; &lt;b&gt;'
+    """
+    return "".join(f"<code>{_e(piece)}</code>" if code else _e(piece) for code, piece in _spans(str(text)))
+
+
+def plain_text(text: Any) -> str:
+    """A message or hint as plain text, without backticks or ``**`` (for tooltips).
+
+    >>> plain_text("`cache` grows **fast**")
+    'cache grows fast'
+    """
+    return "".join(piece for _, piece in _spans(str(text)))
+
+
+def _spans(text: str) -> list[tuple[bool, str]]:
+    """``(is_code, text)`` pieces; emphasis is stripped outside code spans only (``x**2`` stays)."""
+    codes = [m.group(1) or m.group(2) for m in _CODE_SPAN.finditer(text)]
+    prose = _STRONG.sub(r"\1", _CODE_SPAN.sub("\0", text.replace("\0", ""))).split("\0")
+    pieces = [(False, prose[0])]
+    for code, after in zip(codes, prose[1:], strict=True):
+        pieces += [(True, code), (False, after)]
+    return [p for p in pieces if p[1]]
 
 
 # --------------------------------------------------------------------------- pieces
@@ -86,10 +141,6 @@ def _mib(n: Any) -> str:
         return "?"
 
 
-def _times(count: Any) -> str:
-    return "once" if count == 1 else f"{count} times"
-
-
 def _headline(report: dict[str, Any], summary: dict[str, Any]) -> str:
     n = len(report.get("findings") or [])
     bits = [
@@ -97,11 +148,29 @@ def _headline(report: dict[str, Any], summary: dict[str, Any]) -> str:
         f"{summary.get('steps', 0)} steps",
         f"{summary.get('iterations', 0)} iterations",
     ]
+    if isinstance(summary.get("wall_s"), (int, float)) and summary["wall_s"] > 0:
+        bits.append(f"{format_duration(summary['wall_s'])} of wall time")
     if report.get("created"):
         bits.append(f"created {report['created']}")
     if report.get("gradguard"):
         bits.append(f"gradguard {report['gradguard']}")
     return " · ".join(bits)
+
+
+def _command_line(command: Any) -> str:
+    """The recorded command line, shell-quoted, or ``""`` when the report has none.
+
+    >>> _command_line({"argv": ["train.py", "--name", "my run"], "script": "/abs/train.py"})
+    "train.py --name 'my run'"
+    """
+    if not isinstance(command, dict) or not isinstance(command.get("argv"), list) or not command["argv"]:
+        return ""
+    return shlex.join(str(a) for a in command["argv"])
+
+
+def _path(text: Any) -> str:
+    """A path, escaped, that may break after each separator on a narrow window."""
+    return _e(text).replace("/", "/<wbr>").replace("\\", "\\<wbr>")
 
 
 def _location(loc: Any) -> str:
@@ -110,45 +179,85 @@ def _location(loc: Any) -> str:
     return ""
 
 
-def _findings_table(findings: Sequence[dict[str, Any]]) -> str:
+def _markers(findings: Sequence[dict[str, Any]], first: float, last: float) -> list[Marker]:
+    """One marker per step in ``[first, last]`` at which findings were made, in the colour of the worst,
+    linked to the first of them (a finding restored from before a resumed run's series has none)."""
+    by_step: dict[int, list[int]] = {}
+    for i, f in enumerate(findings):
+        step = f.get("step")
+        if isinstance(step, int) and not isinstance(step, bool) and first <= step <= last:
+            by_step.setdefault(step, []).append(i)
+    markers = []
+    for step, rows in by_step.items():
+        found = [findings[i] for i in rows]
+        codes = list(dict.fromkeys(str(f.get("code", "")) for f in found))
+        label = " ".join(codes[:2]) + (f" +{len(codes) - 2}" if len(codes) > 2 else "")
+        lines = [
+            f"{f.get('code', '')} {f.get('name', '')}, {_seen(f)}: {plain_text(f.get('message', ''))}" for f in found
+        ]
+        worst = max(_RANK.get(str(f.get("severity")), 0) for f in found)
+        colour = _COLOURS[list(_RANK)[worst]]
+        markers.append(Marker(step, label, "\n".join(lines), f"marker-step-{step}", f"#finding-{rows[0]}", colour))
+    return markers
+
+
+def _seen(f: dict[str, Any]) -> str:
+    count = f.get("count", 1)
+    return f"once, at step {f.get('step', 0)}" if count == 1 else f"{count} times, from step {f.get('step', 0)}"
+
+
+def _findings_table(
+    findings: Sequence[dict[str, Any]], memory: dict[str, Any] | None, summary: dict[str, Any], anchors: set[str]
+) -> str:
     if not findings:
         return '<p class="ok">No findings.</p>'
     rows = [
-        "<table><thead><tr><th>Code</th><th>Severity</th><th>Location</th><th>Where</th>"
-        "<th>What happened</th><th>Hint</th><th>Seen</th></tr></thead><tbody>"
+        '<table class="findings"><thead><tr><th scope="col">Finding</th><th scope="col">Where</th>'
+        '<th scope="col">What happened</th><th scope="col">Hint</th><th scope="col">Seen</th></tr></thead><tbody>'
     ]
-    for f in findings:
+    for i, f in enumerate(findings):
         severity = str(f.get("severity", "warning"))
-        css = severity if severity in ("error", "warning", "info") else "info"
+        css = severity if severity in _COLOURS else "info"
+        seen = _e(_seen(f))
+        anchor = f"marker-step-{f.get('step')}"
+        if anchor in anchors:
+            seen += f' <a href="#{anchor}" title="its marker on the memory plot">(marked on the plot)</a>'
+        evidence = "".join(
+            f"<li><strong>{_e(k)}:</strong> {_e(v)}</li>" for k, v in growth_evidence(f, memory, summary)
+        )
+        where = [_path(_location(f.get("location"))), _e(f.get("where") or "")]
         rows.append(
-            "<tr>"
-            f"<td><code>{_e(f.get('code', ''))}</code><br><span class=muted>{_e(f.get('name', ''))}</span></td>"
-            f'<td><span class="sev sev-{css}">{_e(severity)}</span></td>'
-            f"<td><code>{_e(_location(f.get('location')))}</code></td>"
-            f"<td><code>{_e(f.get('where', ''))}</code></td>"
-            f"<td>{_e(f.get('message', ''))}</td>"
-            f"<td>{_e(f.get('hint', ''))}</td>"
-            f"<td>{_e(_times(f.get('count', 1)))}, from step {_e(f.get('step', 0))}</td>"
-            "</tr>"
+            f'<tr id="finding-{i}"><td><code>{_e(f.get("code", ""))}</code> '
+            f'<span class="sev sev-{css}">{_e(severity)}</span><br>'
+            f'<span class="muted nowrap">{_e(f.get("name", ""))}</span></td>'
+            f'<td data-label="Where">{"<br>".join(f"<code>{w}</code>" for w in where if w)}</td>'
+            f'<td data-label="What happened">{inline_html(f.get("message", ""))}'
+            + (f'<ul class="evidence">{evidence}</ul>' if evidence else "")
+            + f'</td><td data-label="Hint">{inline_html(f.get("hint", ""))}</td>'
+            f'<td data-label="Seen">{seen}</td></tr>'
         )
     rows.append("</tbody></table>")
     return "\n".join(rows)
 
 
+# --------------------------------------------------------------------------- GG301's census, the environment
 def _groups_table(memory: dict[str, Any]) -> str:
     census = memory.get("census") or {}
     steps = census.get("steps") or []
     rows = []
     if len(steps) == 2:
-        rows.append(f'<p class="muted">Live tensors counted at steps {_e(steps[0])} and {_e(steps[1])}.</p>')
-    rows.append("<table><thead><tr><th>Tensor group</th><th>Per step</th><th>Kept alive by</th></tr></thead><tbody>")
+        rows.append(
+            f'<p class="muted">Live tensors counted at steps {_e(steps[0])} and {_e(steps[1])}, '
+            f"when the growth was found (step {_e(steps[1])}), not at the end of the run.</p>"
+        )
+    rows.append(
+        '<table><thead><tr><th scope="col">Tensor group</th><th scope="col">Per step</th>'
+        '<th scope="col">Kept alive by</th></tr></thead><tbody>'
+    )
+    counted = f" at step {steps[-1]}" if steps else ""
     for g in census.get("groups") or []:
         shape = ", ".join(str(s) for s in g.get("shape") or [])
-        flags = []
-        if g.get("requires_grad"):
-            flags.append("requires_grad")
-        if g.get("grad_fn"):
-            flags.append("grad_fn")
+        flags = [flag for flag in ("requires_grad", "grad_fn") if g.get(flag)]
         label = f"[{shape}] {g.get('dtype', '')} on {g.get('device', '')}"
         if flags:
             label += f" ({', '.join(flags)})"
@@ -163,9 +272,9 @@ def _groups_table(memory: dict[str, Any]) -> str:
         if owners:
             owner_html = "<br>".join(
                 f"<code>{_e(o.get('name', ''))}</code> ({_e(o.get('kind', ''))}"
-                + (f", <code>{_e(_location(o.get('location')))}</code>" if o.get("location") else "")
+                + (f", <code>{_path(_location(o.get('location')))}</code>" if o.get("location") else "")
                 + (f", maxlen {_e(o['maxlen'])}" if o.get("maxlen") is not None else "")
-                + f"): {_e(o.get('length', '?'))} items"
+                + f"): {_e(o.get('length', '?'))} items{_e(counted)}"
                 for o in owners
             )
         else:
@@ -176,13 +285,14 @@ def _groups_table(memory: dict[str, Any]) -> str:
 
 
 def _sites_table(sites: Sequence[dict[str, Any]]) -> str:
-    rows = ["<table><thead><tr><th>Allocated at</th><th>Blocks</th><th>Bytes</th></tr></thead><tbody>"]
+    rows = [
+        '<table><thead><tr><th scope="col">Allocated at</th><th scope="col">Blocks</th>'
+        '<th scope="col">Bytes</th></tr></thead><tbody>'
+    ]
     for s in sites:
         where = f"{s.get('file', '?')}:{s.get('line', '?')} in {s.get('function', '?')}"
-        cells = (
-            f"<td><code>{_e(where)}</code></td><td>{_e(s.get('count', 0))}</td><td>{_e(_mib(s.get('bytes', 0)))}</td>"
-        )
-        rows.append(f"<tr>{cells}</tr>")
+        count, size = _e(s.get("count", 0)), _e(_mib(s.get("bytes", 0)))
+        rows.append(f"<tr><td><code>{_path(where)}</code></td><td>{count}</td><td>{size}</td></tr>")
     rows.append("</tbody></table>")
     return "\n".join(rows)
 
@@ -190,127 +300,28 @@ def _sites_table(sites: Sequence[dict[str, Any]]) -> str:
 def _environment(report: dict[str, Any], memory: dict[str, Any] | None) -> str:
     env = report.get("environment") or {}
     summary = report.get("summary") or {}
-    items: list[tuple[str, Any]] = [
-        ("torch", env.get("torch", "?")),
-        ("device", env.get("device", "?")),
-        ("python", env.get("python", "?")),
-        ("platform", env.get("platform", "?")),
-    ]
+    raw = report.get("command")
+    command: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    items: list[tuple[str, Any]] = [("command line", _command_line(command))] if _command_line(command) else []
+    for key, name in (("script", "script"), ("module", "module"), ("cwd", "working directory"), ("python", "python")):
+        if command.get(key):
+            items.append((name, command[key]))
+    items += [(f"{k} version" if k in ("torch", "python") else k, env.get(k, "?")) for k in _ENVIRONMENT]
     if memory is not None:
         peak = memory.get("peak") or {}
-        if "heap" in peak:
-            items.append(("peak host memory in use (malloc)", _mib(peak["heap"])))
-        if "rss" in peak:
-            items.append(("peak host memory (RSS)", _mib(peak["rss"])))
-        if "cuda_peak" in peak:
-            items.append(("peak CUDA memory allocated", _mib(peak["cuda_peak"])))
-        if "cuda_reserved" in peak:
-            items.append(("peak CUDA memory reserved", _mib(peak["cuda_reserved"])))
+        for key, name in (
+            ("heap", "peak host memory in use (malloc)"),
+            ("rss", "peak host memory (RSS)"),
+            ("cuda_peak", "peak CUDA memory allocated"),
+            ("cuda_reserved", "peak CUDA memory reserved"),
+        ):
+            if key in peak:
+                items.append((name, _mib(peak[key])))
+    unit = str((memory or {}).get("clock") or "step")
+    per = seconds_per_step(memory, summary, unit)
+    if per is not None:
+        items.append((f"time per {unit}", f"{per[0]:.3g} s ({per[1]})"))
     if "overhead_s" in summary:
         items.append(("gradguard time", f"{summary.get('overhead_s', 0):.3f} s of {summary.get('wall_s', 0):.3f} s"))
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in items)
+    rows = "".join(f'<tr><th scope="row">{_e(k)}</th><td>{_path(v)}</td></tr>' for k, v in items)
     return f"<table>{rows}</table>"
-
-
-# --------------------------------------------------------------------------- the plot
-_COLOURS = ("#2f6fdb", "#7a8699", "#12a594")
-
-
-def _el(tag: str, text: str = "", **attrs: Any) -> str:
-    """An SVG element; attribute names use ``_`` for ``-``; numbers are rounded."""
-    parts = []
-    for key, value in attrs.items():
-        shown = f"{value:.1f}" if isinstance(value, float) else str(value)
-        parts.append(f'{key.rstrip("_").replace("_", "-")}="{_e(shown)}"')
-    inner = " ".join(parts)
-    return f"<{tag} {inner}>{text}</{tag}>" if text else f"<{tag} {inner}/>"
-
-
-def memory_plot(memory: dict[str, Any], width: int = 960, height: int = 320) -> str:
-    """An inline SVG line plot of memory per step, with the detected trends drawn over it."""
-    series = memory.get("series") or {}
-    xs = [float(v) for v in series.get("step") or []]
-    trends = memory.get("trends") or []
-    signals = [
-        s
-        for s in ("cuda_allocated", "heap", "rss")
-        if len(series.get(s) or []) == len(xs) and sum(v is not None for v in series[s]) >= 2
-    ]
-    if trends and trends[0].get("signal") in signals:
-        signals.remove(trends[0]["signal"])
-        signals.insert(0, trends[0]["signal"])
-    if not xs or not signals:
-        return '<p class="muted">No memory samples.</p>'
-    signal = signals[0]
-    columns = {s: [(x, float(v) / MiB) for x, v in zip(xs, series[s], strict=True) if v is not None] for s in signals}
-    ys = [y for column in columns.values() for _, y in column]
-    names = memory.get("signals") or {}
-    left, right, top, bottom = 70, 20, 30, 42
-    pw, ph = width - left - right, height - top - bottom
-    x0, x1 = min(xs), max(xs)
-    if x1 == x0:
-        x1 = x0 + 1
-    lines = [
-        (float(t["start"]), float(t["end"]), float(t["slope"]) / MiB, float(t["intercept"]) / MiB)
-        for t in trends
-        if t.get("signal") == signal
-    ]
-    lo, hi = min(ys), max(ys)
-    for a, _, slope, icpt in lines:
-        lo = min(lo, slope * a + icpt)
-        hi = max(hi, slope * x1 + icpt)
-    if hi - lo < 1.0:
-        hi, lo = hi + 0.5, lo - 0.5
-    pad = (hi - lo) * 0.05
-    lo, hi = lo - pad, hi + pad
-
-    def px(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * pw
-
-    def py(y: float) -> float:
-        return top + (hi - y) / (hi - lo) * ph
-
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="memory per step">'
-    ]
-    warmup = float(memory.get("warmup") or 0)
-    if warmup > x0:
-        out.append(_el("rect", x=px(x0), y=top, width=px(min(warmup, x1)) - px(x0), height=ph, fill="#f1f2f5"))
-        out.append(_el("text", "warm-up", x=px(x0) + 4, y=top + 14))
-    for i in range(6):  # y grid and labels
-        value = lo + (hi - lo) * i / 5
-        y = py(value)
-        out.append(_el("line", x1=left, x2=left + pw, y1=y, y2=y, stroke="#e4e7ec"))
-        out.append(_el("text", f"{value:,.0f}", x=left - 6, y=y + 4, text_anchor="end"))
-    for i in range(6):  # x ticks
-        value = x0 + (x1 - x0) * i / 5
-        x = px(value)
-        out.append(_el("line", x1=x, x2=x, y1=top + ph, y2=top + ph + 5, stroke="#98a2b3"))
-        out.append(_el("text", f"{value:,.0f}", x=x, y=top + ph + 18, text_anchor="middle"))
-    out.append(_el("rect", x=left, y=top, width=pw, height=ph, fill="none", stroke="#98a2b3"))
-    clock = _e(memory.get("clock") or "step")
-    out.append(_el("text", clock, x=left + pw / 2, y=height - 6, text_anchor="middle"))
-    mid = top + ph / 2
-    out.append(_el("text", "MiB", x=14, y=mid, transform=f"rotate(-90 14 {mid:.1f})", text_anchor="middle"))
-    for s_name, colour in zip(signals, _COLOURS, strict=False):
-        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in columns[s_name])
-        out.append(_el("polyline", points=points, fill="none", stroke=colour, stroke_width="1.8"))
-    for a, b, slope, icpt in lines:
-        ya, yb = py(slope * a + icpt), py(slope * b + icpt)
-        out.append(_el("line", x1=px(a), y1=ya, x2=px(b), y2=yb, stroke="#d92d20", stroke_width="2.5"))
-        if x1 > b:  # where the trend leads if nothing changes
-            ye = py(slope * x1 + icpt)
-            dashed = {"stroke": "#d92d20", "stroke_width": "1.5", "stroke_dasharray": "5 4"}
-            out.append(_el("line", x1=px(b), y1=yb, x2=px(x1), y2=ye, **dashed))
-    # the legend sits in the top margin, in one row, clear of the data
-    lx = float(left)
-    entries = [(names.get(n, n), c, "2", "") for n, c in zip(signals, _COLOURS, strict=False)]
-    if lines:
-        entries.append((f"detected trend: {lines[0][2]:+,.2f} MiB per {clock}", "#d92d20", "2.5", ""))
-    for label, colour, stroke_width, _ in entries:
-        out.append(_el("line", x1=lx, x2=lx + 24, y1=12.0, y2=12.0, stroke=colour, stroke_width=stroke_width))
-        out.append(_el("text", _e(label), x=lx + 30, y=16.0))
-        lx += 30 + 6.5 * len(label) + 24
-    out.append("</svg>")
-    return "\n".join(out)

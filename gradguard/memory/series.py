@@ -92,7 +92,9 @@ class Recorder:
         self.restart()
 
     def restart(self) -> None:
-        self.series: dict[str, list[int | None]] = {"step": []}
+        #: Each kept sample's step, seconds since the series started (``time_s``) and values.
+        self.series: dict[str, list[int | float | None]] = {"step": [], "time_s": []}
+        self._t0 = time.perf_counter()
         self.stride = 1  # the series keeps every n-th sample
         self.seen = 0
         self.windows: dict[str, deque[tuple[int, int]]] = {}
@@ -113,6 +115,7 @@ class Recorder:
             series = self.series
             n = len(series["step"])
             series["step"].append(x)
+            series["time_s"].append(round(time.perf_counter() - self._t0, 4))
             for key, value in sample.items():
                 if key == "cuda_peak":
                     continue
@@ -143,7 +146,7 @@ class Recorder:
             if not history or x - history[-1][0] >= max(1, (x - self.warmup) // 128):
                 history.append((x, value))
 
-    def padded(self) -> dict[str, list[int | None]]:
+    def padded(self) -> dict[str, list[int | float | None]]:
         n = len(self.series["step"])
         return {k: list(v) + [None] * (n - len(v)) for k, v in self.series.items()}
 
