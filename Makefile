@@ -21,14 +21,14 @@ demo: $(STAMP)
 	$(BIN)/gradguard run --json reports/demo.json examples/missing_zero_grad.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check gradguard tests examples benchmarks
-	$(BIN)/ruff format --check gradguard tests examples benchmarks
+	$(BIN)/ruff check gradguard tests examples benchmarks docs
+	$(BIN)/ruff format --check gradguard tests examples benchmarks docs
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2  # two workers: CI has two cores
 
 test: lint typecheck unit
 
