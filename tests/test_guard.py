@@ -344,3 +344,20 @@ def test_a_revision_that_raises_info_to_a_warning_is_warned_then():
     (finding,) = guard.findings
     assert finding.severity == "warning"
     assert "kept growing" in str(caught[-1].message)
+
+
+def test_install_passes_over_modules_that_were_never_initialised():
+    # A failed unpickling leaves modules made by __new__ alone on the heap; for a compiled
+    # wrapper, every attribute lookup on one recurses without end.
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    broken = [OptimizedModule.__new__(OptimizedModule), nn.Linear.__new__(nn.Linear)]
+    guard = gradguard.install(policy="collect")
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _train(model, opt, steps=3, reset=False)
+    finally:
+        gradguard.uninstall()
+    assert [f.code for f in guard.findings] == ["GG101"]  # no GG000: the source kept working
+    del broken  # alive on the heap until here

@@ -300,14 +300,23 @@ class ModuleSource(Source):
 
     def _scan_existing(self) -> None:
         """Modules made before ``install()``: those with parameters and no parent."""
-        modules = [obj for obj in gc.get_objects() if _is_module_type(type(obj))]
+        # Only built modules, read through __dict__: the heap may hold one made by __new__ and
+        # never initialised (a failed unpickling), whose attribute lookups never end.
+        modules = [
+            obj
+            for obj in gc.get_objects()
+            if _is_module_type(type(obj)) and isinstance(obj.__dict__.get("_modules"), dict)
+        ]
         for module in modules:
-            for child in module._modules.values():
+            for child in module.__dict__["_modules"].values():
                 if child is not None:
                     self._children.add(child)
         for module in modules:
-            if module not in self._children and _has_params(module):
-                self._maybe_candidate(module)
+            try:
+                if module not in self._children and _has_params(module):
+                    self._maybe_candidate(module)
+            except Exception:  # a module in a broken state is no one's model
+                continue
 
 
 _MODULE_TYPES: dict[type, bool] = {}
