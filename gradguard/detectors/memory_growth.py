@@ -87,8 +87,7 @@ class MemoryGrowth(Detector):
     - `min_rate_mib`: the smallest rate, in MiB per step, reported by the window test.
     - `min_growth_mib`: the smallest growth, in MiB over the window, reported.
     - `census`: whether to take the census of live tensors and containers that names the
-      culprit; without it, a growth is a warning only once it kept growing over the
-      longer window.
+      culprit; without it, a growth warns only once it kept growing over the longer window.
     - `cuda_history`: whether to record CUDA allocation stacks while confirming a growth.
     """
 
