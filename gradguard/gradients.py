@@ -5,7 +5,9 @@ when last seen, the parameter's version then, and whether an optimizer step cons
 gradient as it is. Comparing them before and after a ``backward()`` tells whether backward
 is adding to a gradient that an update already applied. An update through ``p.data``
 moves no version counter of the parameter; :class:`DataUpdates` tells it by a fingerprint,
-a few of the parameter's values copied on its device.
+a few of the parameter's values copied on its device. A ``DTensor`` (``fully_shard``) is read
+on this process alone: its version counters and its local shard's values
+(:mod:`~gradguard.introspect.dtensor`), never a collective.
 
 Example:
     >>> import torch
@@ -28,6 +30,7 @@ import torch
 
 from gradguard.findings import Location, format_names
 from gradguard.introspect import device
+from gradguard.introspect.dtensor import local, version
 
 #: Values of a parameter copied after a ``backward()``, to tell at the next one whether it changed.
 FINGERPRINT = 8
@@ -60,7 +63,7 @@ class GradRecord:
         self.name = name
         self.grad_ref: weakref.ref[torch.Tensor] | None = None
         self.grad_version = -1
-        self.param_version = param._version
+        self.param_version = version(param)
         self.consumed = False  # an optimizer step has used the gradient as it is now
         self.suspect = False  # backward is about to add to a gradient an update already applied
         self.tainted = False  # it did: the gradient holds content an update already applied
@@ -77,8 +80,8 @@ class GradRecord:
         else:
             if self.grad_ref is None or self.grad_ref() is not grad:
                 self.grad_ref = weakref.ref(grad)
-            self.grad_version = grad._version
-        self.param_version = param._version
+            self.grad_version = version(grad)
+        self.param_version = version(param)
         self.consumed = consumed
 
     def unchanged(self, grad: torch.Tensor | None) -> bool:
@@ -87,7 +90,7 @@ class GradRecord:
             grad is not None
             and self.grad_ref is not None
             and self.grad_ref() is grad
-            and (grad._version == self.grad_version)
+            and version(grad) == self.grad_version
         )
 
 
@@ -99,9 +102,12 @@ def param_lists(optimizer: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
 def few_values(t: torch.Tensor) -> torch.Tensor | None:
     """A view of at most ``FINGERPRINT`` values spread over a tensor, or ``None`` where none is cheap.
 
+    A ``DTensor``'s values are taken from its local shard (no collective).
+
     >>> few_values(torch.arange(20.0)).tolist()
     [0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0]
     """
+    t = local(t)
     n = t.numel()
     if t.layout != torch.strided or t.device.type not in ("cpu", "cuda") or not t.is_contiguous() or not n:
         return None
@@ -159,7 +165,7 @@ class DataUpdates:
                 grad is None
                 or rec.grad_ref is None
                 or rec.grad_ref() is not grad
-                or param._version != rec.param_version
+                or version(param) != rec.param_version
             ):
                 rec.streak = 0  # reset (None or a new tensor), or an update that its version counter shows
                 continue

@@ -10,6 +10,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from gradguard.detector import Detector, Findings, on
 from gradguard.events import StepEnd
 from gradguard.findings import Finding, format_names
+from gradguard.introspect.dtensor import version
 from gradguard.introspect.frames import user_location
 from gradguard.sampling import Rotation
 
@@ -37,7 +38,7 @@ def _versions(module: torch.nn.Module) -> tuple[int, ...]:
     out = []
     for key in _STATS:
         buf = module._buffers.get(key)
-        out.append(buf._version if buf is not None else -1)
+        out.append(version(buf) if buf is not None else -1)
     return tuple(out)
 
 
@@ -47,7 +48,7 @@ def _frozen_versions(module: torch.nn.Module) -> tuple[int, ...] | None:
     for p in module.parameters():
         if p.requires_grad:
             return None
-        out.append(p._version)
+        out.append(version(p))
     return tuple(out) if out else None
 
 

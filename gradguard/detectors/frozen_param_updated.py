@@ -9,6 +9,7 @@ import torch
 from gradguard.detector import Detector, Findings, on
 from gradguard.events import Close, StepPost, StepPre
 from gradguard.findings import Finding, Revision, format_names
+from gradguard.introspect.dtensor import version
 from gradguard.introspect.frames import user_location
 from gradguard.sampling import Rotation
 
@@ -111,7 +112,7 @@ class FrozenParamUpdated(Detector):
         groups = optimizer.param_groups
         tick = self.run.optimizer_steps(optimizer) + 1
         frozen = [
-            (p, p._version, groups[gi])
+            (p, version(p), groups[gi])
             for gi, p in rotation.pairs([g["params"] for g in groups], tick)
             if not p.requires_grad and id(p) not in self._reported
         ]
@@ -128,9 +129,9 @@ class FrozenParamUpdated(Detector):
         if not before:
             return None
         changed: list[tuple[str, str]] = []
-        for param, version, group in before:
+        for param, before_version, group in before:
             cause = _mover(optimizer, group, param)
-            if param._version != version:
+            if version(param) != before_version:
                 if cause is None and param.grad is not None:
                     continue  # adding a zero gradient writes but changes nothing
                 changed.append((self.run.param_name(param), cause or "the optimizer wrote to it"))

@@ -13,6 +13,7 @@ from gradguard.events import BackwardPost, BackwardPre, Close, StepPost, StepPre
 from gradguard.findings import Finding, Location, Revision, format_names
 from gradguard.gradients import HAND_WRITTEN_HINT, DataUpdates, GradRecord, hand_written, param_lists
 from gradguard.introspect import device
+from gradguard.introspect.dtensor import version
 from gradguard.introspect.frames import user_frame, user_location
 from gradguard.introspect.naming import name_in_frame
 from gradguard.sampling import Rotation
@@ -139,7 +140,7 @@ class MissingZeroGrad(Detector):
             unchanged = rec.unchanged(grad)
             if not unchanged:
                 rec.tainted = False  # reset (or replaced) since: whatever it held is gone
-            rec.suspect = unchanged and (rec.consumed or param._version != rec.param_version)
+            rec.suspect = unchanged and (rec.consumed or version(param) != rec.param_version)
             if rec.suspect and grad is not None and not rec.tainted:
                 rec.pending = device.holds_values(grad)  # zeroed through .data leaves no version trace
         return [self._hand_written(rec, location, rec.streak) for rec, location in self._data.resolve(wait=False)]

@@ -10,6 +10,7 @@ from gradguard.detector import Detector, Findings, on
 from gradguard.events import Close, StepPost, StepPre
 from gradguard.findings import Finding, Revision, format_names
 from gradguard.holdings import CONFIRM, GradientSeen, held, left_behind, updates_nothing
+from gradguard.introspect.dtensor import version
 from gradguard.introspect.frames import user_location
 from gradguard.sampling import Rotation
 
@@ -27,7 +28,7 @@ class _Suspect:
         self.ref = weakref.ref(param)
         self.name = name
         self.step = step
-        self.version = param._version
+        self.version = version(param)
 
 
 class ParamNotInOptimizer(Detector):
@@ -113,7 +114,7 @@ class ParamNotInOptimizer(Detector):
             if key in self._reported or run.owner(p) is not None:
                 continue
             sus = self._suspects.get(key)
-            if sus is None or sus.ref() is not p or p._version != sus.version:
+            if sus is None or sus.ref() is not p or version(p) != sus.version:
                 self._suspects[key] = _Suspect(p, name, step)
             elif step - sus.step >= _CONFIRM_STEPS:
                 confirmed.append((key, name))

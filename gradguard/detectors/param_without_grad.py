@@ -13,6 +13,7 @@ from gradguard.detector import Detector, Findings, on
 from gradguard.events import BackwardPost, BackwardPre, Close, ModelAdded, StepPre
 from gradguard.findings import Finding, Revision, format_names
 from gradguard.holdings import GradientSeen, left_behind, updates_nothing
+from gradguard.introspect.dtensor import version
 from gradguard.introspect.frames import user_location
 from gradguard.sampling import Rotation
 
@@ -33,12 +34,12 @@ class _Record:
 
     def look(self, grad: torch.Tensor | None) -> None:
         self.grad_ref = weakref.ref(grad) if grad is not None else None
-        self.grad_version = grad._version if grad is not None else -1
+        self.grad_version = version(grad) if grad is not None else -1
 
     def changed(self, grad: torch.Tensor | None) -> bool:
         if grad is None:
             return False
-        return self.grad_ref is None or self.grad_ref() is not grad or grad._version != self.grad_version
+        return self.grad_ref is None or self.grad_ref() is not grad or version(grad) != self.grad_version
 
 
 class ParamWithoutGrad(Detector):

@@ -5,5 +5,6 @@
 - :mod:`~gradguard.introspect.sites`: the source line that fills a variable or sets an attribute;
 - :mod:`~gradguard.introspect.spelling`: misspellings of ``requires_grad`` and the lines that assign one;
 - :mod:`~gradguard.introspect.graph`: bounded walks over autograd graphs;
-- :mod:`~gradguard.introspect.device`: a boolean computed on an accelerator, read without waiting.
+- :mod:`~gradguard.introspect.device`: a boolean computed on an accelerator, read without waiting;
+- :mod:`~gradguard.introspect.dtensor`: a ``DTensor``'s local shard and version counters, read with no collective.
 """

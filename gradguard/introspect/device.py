@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from gradguard.introspect.dtensor import local
+
 
 class DeviceFlag:
     """A 0-dim boolean tensor on a CUDA device, on its way to the host."""
@@ -48,8 +50,12 @@ def flag(value: torch.Tensor) -> bool | DeviceFlag:
 def holds_values(t: torch.Tensor) -> Any:
     """Whether a tensor holds any non-zero value: ``True``/``False``, or a pending :class:`DeviceFlag`.
 
-    Sparse and meta tensors, and devices other than CPU and CUDA, answer ``True`` unread.
+    Sparse and meta tensors, and devices other than CPU and CUDA, answer ``True`` unread. A
+    ``DTensor`` answers for its local shard, read on this process alone (no collective): an
+    empty shard, or one that holds only zeros while other processes' shards hold values,
+    answers ``False``.
     """
+    t = local(t)
     if t.is_sparse or t.device.type not in ("cpu", "cuda"):
         return True
     return flag(t.ne(0).any())
