@@ -7,8 +7,10 @@ Only ``run`` imports torch (when the guard starts): ``--help``, ``--version``, `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -93,7 +95,11 @@ def _outputs(parser: argparse.ArgumentParser, json: bool = True) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``gradguard`` command; returns the exit code."""
+    """Entry point of the ``gradguard`` command; returns the exit code.
+
+    A ``KeyboardInterrupt`` that ends the program run by ``gradguard run`` is raised again,
+    after the report, so that Python ends the process as it does on Ctrl-C (status -2).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     ns = parser.parse_args(_split_run(argv, parser))
@@ -169,31 +175,63 @@ def _run(ns: argparse.Namespace, config: Config, argv: list[str]) -> int:
     outputs = _settings(ns, config, run=True)
     check_outputs(outputs, program=None if ns.module is not None else target)
 
-    from gradguard.install import install, uninstall
+    from gradguard.install import installed, uninstall
+    from gradguard.ledger import Autosave
+    from gradguard.processes import Options, Session
     from gradguard.report import command_record
 
-    guard = install(
+    if installed() is not None:
+        raise ConfigurationError("a guard is installed in this process already: gradguard run starts its own")
+    options = Options(  # the guard's, and those of the children the program starts
         policy=ns.policy or config.policy,
-        select=ns.select if ns.select is not None else config.select,
-        ignore=ns.ignore if ns.ignore is not None else config.ignore,
+        select=tuple(ns.select if ns.select is not None else config.select),
+        ignore=tuple(ns.ignore if ns.ignore is not None else config.ignore),
         budget=parse_budget(ns.budget) if ns.budget is not None else config.budget,
+        json=os.path.abspath(outputs.json) if outputs.json is not None else None,
     )
+    guard = options.install()
     record = command_record(["gradguard", *argv], module=ns.module)
     record["script"] = os.path.abspath(target) if ns.module is None else None
     record["module"] = ns.module
     guard.command = record
 
-    def save(_finding: Any = None) -> None:
-        if outputs.json is not None:
-            guard.write_json(outputs.json)
+    session = Session(guard, options)  # this process's rank, its children, and their reports merged
+
+    def save(_finding: Any = None) -> None:  # a rank other than 0, or a forked child, writes a file of its own
+        session.save()
+
+    def flush() -> None:  # keeps a report, once there is one, current: counts and steps
+        if guard.ledger.version:
+            save()
+
+    def ending(signum: int) -> None:  # a signal is about to end the process (see gradguard.launch)
+        save()  # a forked child (a worker) inherits the handler: the session tells it apart
+        path = session.path()
+        if session.role == "main" and path is not None:
+            shown = outputs.json if outputs.json is not None and os.path.abspath(outputs.json) == path else path
+            os.write(2, f"gradguard: {signal.Signals(signum).name}: JSON report written to {shown}\n".encode())
 
     guard.finding_callbacks.append(save)  # nothing found is lost if the process dies
-    from gradguard.launch import run_module, run_script
+    guard.autosave = Autosave(flush)  # nor, within seconds, how often it was seen and how far the run got
+    from gradguard.launch import end_interrupted, run_module, run_script
 
-    code = run_module(ns.module, args) if ns.module is not None else run_script(target, args)
-    uninstall()
-    report = guard.to_dict()
-    if not outputs.write(report, text_to_stderr=True) and code == 0:
+    interrupted: KeyboardInterrupt | None = None
+    try:
+        with session.watching():
+            code = run_module(ns.module, args, ending) if ns.module is not None else run_script(target, args, ending)
+    except KeyboardInterrupt as exc:  # Ctrl-C, its traceback printed: the report, then end as Python does
+        interrupted, code = exc, 130
+    guard.autosave = None
+    uninstall(force=True)
+    report = session.finish()  # rank 0's holds every rank's findings; each process's, its children's
+    if session.quiet:  # a rank other than 0: its own file; rank 0 prints its findings
+        own = dataclasses.replace(outputs, json=session.path(), html=None, sarif=None)
+        written = own.write(report, text_to_stderr=True, quiet=True)
+    else:
+        written = outputs.write(report, text_to_stderr=True)
+    if interrupted is not None:
+        end_interrupted(interrupted)
+    if not written and code == 0:
         return 1
     if outputs.strict and code == 0 and _loud(report):
         return EXIT_STRICT
@@ -201,11 +239,15 @@ def _run(ns: argparse.Namespace, config: Config, argv: list[str]) -> int:
 
 
 def _report(ns: argparse.Namespace, config: Config) -> int:
+    from gradguard.ranks import merge_siblings
     from gradguard.report import load_report
 
     outputs = _settings(ns, config, run=False)
     check_outputs(outputs, program=None)
     report = load_report(ns.report)
+    report, merged = merge_siblings(report, ns.report)
+    if merged:  # the files of the run's other ranks and children, written beside it
+        print(f"gradguard: merged {', '.join(merged)} with {ns.report}", file=sys.stderr)
     if not outputs.write(report, text_to_stderr=False):
         return 1
     return EXIT_STRICT if outputs.strict and _loud(report) else 0

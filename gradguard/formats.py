@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from gradguard import pages
+from gradguard import pages, ranks
 from gradguard._version import __version__
 from gradguard.errors import ConfigurationError
 from gradguard.explain import plain_text, render_terminal
@@ -70,7 +70,10 @@ def render(report: Mapping[str, Any], fmt: str, *, root: str | None = None) -> s
 
 
 def to_text(report: Mapping[str, Any]) -> str:
-    """The terminal summary of :func:`gradguard.report.format_summary`, with a final newline."""
+    """The terminal summary of :func:`gradguard.report.format_summary`, with a final newline.
+
+    In a run of several ranks (``summary.world_size``), each finding says which ranks saw it.
+    """
     findings = _findings(report)
     summary = _summary(report)
     return (
@@ -80,6 +83,8 @@ def to_text(report: Mapping[str, Any]) -> str:
             overhead_s=_number(summary, "overhead_s", float),
             wall_s=_number(summary, "wall_s", float),
             suppressed=_number(summary, "suppressed", int),
+            world_size=max(_number(summary, "world_size", int), 1),
+            ranks_seen=_ranks(report),
         )
         + "\n"
     )
@@ -126,7 +131,7 @@ def to_sarif(report: Mapping[str, Any], *, root: str | None = None) -> dict[str,
 
     results = []
     keys: list[str] = []
-    for finding in findings:
+    for finding, seen in zip(findings, _ranks(report), strict=True):
         result: dict[str, Any] = {"ruleId": finding.code}
         if finding.code in index:
             result["ruleIndex"] = index[finding.code]
@@ -149,6 +154,8 @@ def to_sarif(report: Mapping[str, Any], *, root: str | None = None) -> dict[str,
         properties: dict[str, Any] = {"step": finding.step, "count": finding.count, "where": finding.where}
         if finding.location is not None and finding.location.function:
             properties["function"] = finding.location.function
+        if seen:
+            properties["ranks"] = seen
         properties["data"] = _json_safe(dict(finding.data))
         result["properties"] = properties
         results.append(result)
@@ -353,6 +360,12 @@ def _findings(report: Mapping[str, Any]) -> list[Finding]:
                 f"but got {item!r} ({type(exc).__name__}: {exc})"
             ) from exc
     return findings
+
+
+def _ranks(report: Mapping[str, Any]) -> list[list[int]]:
+    """The ranks that saw each finding of the report (empty lists in a report that does not say)."""
+    items = report.get("findings") or []
+    return [ranks.finding_ranks(item) if isinstance(item, Mapping) else [] for item in items]
 
 
 def _summary(report: Mapping[str, Any]) -> Mapping[str, Any]:

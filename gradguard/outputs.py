@@ -26,19 +26,21 @@ class Outputs:
         named = (("--json", self.json), ("--html", self.html), ("--sarif", self.sarif))
         return [(option, path) for option, path in named if path is not None]
 
-    def write(self, report: dict[str, Any], *, text_to_stderr: bool) -> bool:
+    def write(self, report: dict[str, Any], *, text_to_stderr: bool, quiet: bool = False) -> bool:
         """Print the report in :attr:`format` and write the files; ``False`` if a file failed.
 
         With ``text_to_stderr`` (``gradguard run``, whose program owns standard output) the
         text summary and the notes go to standard error, and another format to standard output.
+        ``quiet`` (a rank other than 0, whose findings rank 0 prints) writes the files and
+        prints nothing but a file that could not be written.
         """
         from gradguard.formats import render
         from gradguard.report import write_json_atomic, write_text_atomic
 
         notes = sys.stderr
-        if text_to_stderr:
+        if text_to_stderr and not quiet:
             print(render(report, "text"), file=sys.stderr)
-        if self.format != "text" or not text_to_stderr:
+        if not quiet and (self.format != "text" or not text_to_stderr):
             sys.stdout.write(render(report, self.format).rstrip("\n") + "\n")
             sys.stdout.flush()
         ok = True
@@ -56,8 +58,8 @@ class Outputs:
                 print(f"gradguard: could not write {path}: {exc.strerror or exc}", file=notes)
                 ok = False
                 continue
-            kind = option[2:].upper()
-            print(f"gradguard: {kind} report written to {path}", file=notes)
+            if not quiet:
+                print(f"gradguard: {option[2:].upper()} report written to {path}", file=notes)
         return ok
 
 

@@ -12,6 +12,7 @@ import tempfile
 from collections import Counter
 from typing import Any
 
+from gradguard import ranks
 from gradguard._version import __version__
 from gradguard.errors import ConfigurationError
 from gradguard.findings import Finding, Severity
@@ -29,7 +30,8 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "cuda": cuda,
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        # named only where CUDA is set up already: naming device 0 would set up a context on it
+        "device": _cuda_name(torch) if cuda else "cpu",
     }
     numpy = sys.modules.get("numpy")
     if numpy is not None:
@@ -53,6 +55,12 @@ def command_record(argv: list[str] | None = None, *, module: str | None = None) 
     return {"argv": argv, "script": script, "module": module, "cwd": os.getcwd(), "python": sys.executable}
 
 
+def _cuda_name(torch: Any) -> str:
+    if not torch.cuda.is_initialized():
+        return "cuda"
+    return str(torch.cuda.get_device_name(torch.cuda.current_device()))
+
+
 def build_report(
     *,
     findings: list[Finding],
@@ -65,10 +73,15 @@ def build_report(
     suppressed: list[Finding] | None = None,
     command: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON report (``version`` :data:`REPORT_VERSION`); :func:`load_report` reads it back."""
+    """The JSON report (``version`` :data:`REPORT_VERSION`); :func:`load_report` reads it back.
+
+    Each finding lists the ranks that saw it (this process's, read now: see
+    :func:`gradguard.ranks.current`), and ``summary.world_size`` the size of the run.
+    """
     by_severity = Counter(f.severity.value for f in findings)
     hidden = list(suppressed or ())
-    return {
+    rank = ranks.current()
+    report = {
         "version": REPORT_VERSION,
         "gradguard": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -88,6 +101,7 @@ def build_report(
         "suppressed": [f.to_dict() for f in hidden],
         "detectors": detector_data,
     }
+    return ranks.annotate(report, rank=rank.rank, world_size=rank.world_size)
 
 
 def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -146,10 +160,22 @@ def check_report(report: Any, name: str = "report") -> None:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             why = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
             raise bad(f"findings[{i}] is not a finding ({why})") from None
+        seen = item.get("ranks", [])
+        if not isinstance(seen, list) or not all(_is_int(r) and r >= 0 for r in seen):
+            raise bad(f"findings[{i}].ranks must be a list of ranks (integers from 0) but got {seen!r}")
     for key in ("steps", "overhead_s", "wall_s"):
         value = report["summary"].get(key, 0)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise bad(f"summary.{key} must be a number but got {value!r}")
+    world = report["summary"].get("world_size", 1)
+    if not _is_int(world) or world < 1:
+        raise bad(f"summary.world_size must be a positive integer but got {world!r}")
+    if not isinstance(report.get("parts", []), list):
+        raise bad(f'expected "parts" to be a list but got {type(report["parts"]).__name__}')
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def write_json_atomic(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -203,9 +229,19 @@ def _json_default(value: Any) -> Any:
 
 
 def format_summary(
-    findings: list[Finding], *, steps: int, overhead_s: float, wall_s: float, suppressed: int = 0
+    findings: list[Finding],
+    *,
+    steps: int,
+    overhead_s: float,
+    wall_s: float,
+    suppressed: int = 0,
+    world_size: int = 1,
+    ranks_seen: list[list[int]] | None = None,
 ) -> str:
     """A readable summary of a run's findings, for a terminal.
+
+    In a run of several ranks (``world_size``), each finding says which ranks saw it
+    (``ranks_seen``, one list per finding).
 
     >>> from gradguard.findings import Finding, Location, Severity
     >>> f = Finding("GG101", "missing-zero-grad", Severity.WARNING, "applied twice",
@@ -215,19 +251,27 @@ def format_summary(
     <BLANKLINE>
       t.py:9: GG101 missing-zero-grad [warning] w: applied twice
           fix: Call zero_grad()
+    >>> print(format_summary([f], steps=3, overhead_s=0.01, wall_s=1.0, world_size=2, ranks_seen=[[0, 1]]))
+    gradguard: 1 finding in 3 steps on 2 ranks (gradguard took 0.01 s of 1.00 s)
+    <BLANKLINE>
+      t.py:9: GG101 missing-zero-grad [warning] w: applied twice, on ranks 0, 1
+          fix: Call zero_grad()
     """
     noun = "finding" if len(findings) == 1 else "findings"
     hidden = f", {suppressed} suppressed by comments" if suppressed else ""
+    on = f" on {world_size} ranks" if world_size > 1 else ""
     head = (
-        f"gradguard: {len(findings)} {noun} in {steps} steps{hidden} "
+        f"gradguard: {len(findings)} {noun} in {steps} steps{on}{hidden} "
         f"(gradguard took {overhead_s:.2f} s of {wall_s:.2f} s)"
     )
     if not findings:
         return head
     lines = [head, ""]
-    order = sorted(findings, key=lambda f: (-f.severity.rank, f.code))
-    for f in order:
-        lines.append(f"  {f}")
+    order = sorted(range(len(findings)), key=lambda i: (-findings[i].severity.rank, findings[i].code))
+    for i in order:
+        f = findings[i]
+        seen = ranks_seen[i] if ranks_seen is not None and i < len(ranks_seen) else []
+        lines.append(f"  {f}, on {ranks.describe(seen)}" if world_size > 1 and seen else f"  {f}")
         if f.hint:
             lines.append(f"      fix: {f.hint}")
     return "\n".join(lines)

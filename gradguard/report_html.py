@@ -17,6 +17,7 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
+from gradguard import ranks
 from gradguard.report import write_text_atomic
 from gradguard.report_plot import Marker, MiB, format_duration, growth_evidence, memory_plot, seconds_per_step
 
@@ -211,9 +212,13 @@ def _findings_table(
 ) -> str:
     if not findings:
         return '<p class="ok">No findings.</p>'
+    world = summary.get("world_size")
+    by_rank = isinstance(world, int) and world > 1  # a run of several ranks: which saw each finding
     rows = [
         '<table class="findings"><thead><tr><th scope="col">Finding</th><th scope="col">Where</th>'
-        '<th scope="col">What happened</th><th scope="col">Hint</th><th scope="col">Seen</th></tr></thead><tbody>'
+        '<th scope="col">What happened</th><th scope="col">Hint</th><th scope="col">Seen</th>'
+        + ('<th scope="col">Ranks</th>' if by_rank else "")
+        + "</tr></thead><tbody>"
     ]
     for i, f in enumerate(findings):
         severity = str(f.get("severity", "warning"))
@@ -234,7 +239,13 @@ def _findings_table(
             f'<td data-label="What happened">{inline_html(f.get("message", ""))}'
             + (f'<ul class="evidence">{evidence}</ul>' if evidence else "")
             + f'</td><td data-label="Hint">{inline_html(f.get("hint", ""))}</td>'
-            f'<td data-label="Seen">{seen}</td></tr>'
+            f'<td data-label="Seen">{seen}</td>'
+            + (
+                f'<td data-label="Ranks">{_e(ranks.describe(ranks.finding_ranks(f), noun=False))}</td>'
+                if by_rank
+                else ""
+            )
+            + "</tr>"
         )
     rows.append("</tbody></table>")
     return "\n".join(rows)

@@ -53,13 +53,6 @@ def test_findings_survive_an_exception_in_the_script(write_script, run_cli, tmp_
     assert "1 finding" in proc.stderr
 
 
-def test_findings_survive_ctrl_c(write_script, run_cli, tmp_path):
-    script = write_script(BUGGY + "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
-    proc = run_cli("run", "--json", "out.json", str(script))
-    assert proc.returncode == 130
-    assert [f["code"] for f in _report(tmp_path)["findings"]] == ["GG101"]
-
-
 def test_findings_survive_sys_exit_with_a_message(write_script, run_cli, tmp_path):
     script = write_script(BUGGY + "import sys\nsys.exit('bye')\n")
     proc = run_cli("run", "--json", "out.json", str(script))
