@@ -11,7 +11,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from gradguard._version import __version__
-from gradguard.errors import ConfigurationError, FindingError, FindingWarning, GradGuardError, GradGuardWarning
+from gradguard.errors import (
+    ConfigurationError,
+    EmptyWindowWarning,
+    FindingError,
+    FindingWarning,
+    GradGuardError,
+    GradGuardWarning,
+    NothingWatchedWarning,
+)
 from gradguard.explain import explain
 from gradguard.findings import Finding, Location, Severity
 from gradguard.install import install, installed, uninstall
@@ -38,6 +46,7 @@ __all__ = [
     "Budget",
     "ConfigurationError",
     "Detector",
+    "EmptyWindowWarning",
     "Finding",
     "FindingError",
     "FindingWarning",
@@ -46,6 +55,7 @@ __all__ = [
     "GradientAccumulator",
     "Guard",
     "Location",
+    "NothingWatchedWarning",
     "Policy",
     "Severity",
     "__version__",

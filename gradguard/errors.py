@@ -20,6 +20,22 @@ class FindingWarning(GradGuardWarning):
         self.finding = finding
 
 
+class NothingWatchedWarning(GradGuardWarning):
+    """A :class:`~gradguard.Guard` given no model (and not global) saw the loop run: it watches none of it.
+
+    Issued once per guard, at the first iteration it sees end, pointing at the user's line
+    (a ``backward()`` or ``step()``). Not a finding: nothing is wrong with the training.
+    """
+
+
+class EmptyWindowWarning(GradGuardWarning):
+    """A gradient-accumulation window whose ``num_items`` add up to 0 made no optimizer step.
+
+    Issued once per accumulator; :attr:`~gradguard.GradientAccumulator.skipped_windows`
+    counts such windows.
+    """
+
+
 class GradGuardError(Exception):
     """Base class of the errors gradguard raises."""
 

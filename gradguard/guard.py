@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import numbers
 import os
+import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -14,7 +18,7 @@ import torch
 
 from gradguard.detector import Detector
 from gradguard.detectors import DetectorSpec, make_detectors
-from gradguard.errors import ConfigurationError
+from gradguard.errors import ConfigurationError, GradGuardError, NothingWatchedWarning
 from gradguard.events import (
     BackwardPost,
     BackwardPre,
@@ -30,10 +34,11 @@ from gradguard.events import (
     StepPre,
 )
 from gradguard.findings import Finding, Revision
-from gradguard.ledger import Ledger
+from gradguard.introspect.frames import user_location
+from gradguard.ledger import Autosave, Ledger
 from gradguard.policy import Policy
 from gradguard.report import build_report, write_json_atomic
-from gradguard.run import Run, unwrap
+from gradguard.run import Counts, Run, find_optimizer, unwrap, unwrap_optimizer
 from gradguard.sampling import PER_GROUP, Budget
 from gradguard.schedule import Table
 from gradguard.sources import SOURCES, ModuleSource, OptimizerSource, Source
@@ -61,8 +66,13 @@ class Guard:
     Args:
         model: a module, or a list of modules, whose forward marks an iteration. A
             ``torch.compile`` or ``DistributedDataParallel`` wrapper is watched as the model
-            it wraps.
-        optimizer: an optimizer, or a list of optimizers, whose ``step()`` marks a step.
+            it wraps. A guard with none (and ``global_hooks`` off) watches no model until
+            :meth:`add_model`; if the loop runs meanwhile, it says so once, with a
+            :class:`~gradguard.errors.NothingWatchedWarning` at the first iteration it sees.
+        optimizer: an optimizer, or a list of optimizers, whose ``step()`` marks a step. A
+            wrapper (Accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``,
+            an object that holds the optimizer in an attribute) is watched as the optimizer
+            it wraps, whose steps are those that reach it.
         detectors: which detectors to run: codes, rule names, classes or configured
             instances. All registered detectors by default.
         policy: ``"warn"`` (default), ``"raise"`` or ``"collect"``, or a :class:`Policy`
@@ -93,7 +103,7 @@ class Guard:
     def __init__(
         self,
         model: torch.nn.Module | Iterable[torch.nn.Module] | None = None,
-        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | Any = None,
         *,
         detectors: Sequence[DetectorSpec] | None = None,
         policy: str | Policy = "warn",
@@ -110,7 +120,7 @@ class Guard:
         else:
             self.policy = Policy(policy, select=_tuple(select), ignore=_tuple(ignore))
         models = _as_list(model, torch.nn.Module, "model")
-        optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer")
+        optimizers = _optimizer_list(optimizer)
         self.json_path = os.fspath(json_path) if json_path is not None else None
         #: How the run was started, for the report; ``None``: this process's ``sys.argv``.
         self.command: dict[str, Any] | None = None
@@ -126,18 +136,26 @@ class Guard:
         self._modules: ModuleSource | None = None
         self._optimizer_source: OptimizerSource | None = None
         self._step_base = 0  # steps restored from a checkpoint
-        self._in_step = False  # inside an optimizer's step() (an LBFGS closure's backward is part of it)
-        self._quiet = 0  # root forwards since the last backward() or step()
-        self._called: set[int] = set()  # root modules called since the last iteration boundary
-        self._stepless = 0  # backward() calls since the last optimizer step
+        # Threads: each has a loop of its own (_Loop, in _local), whose shape says where its
+        # iterations end; the shared counters are written under _lock, or per thread (Counts).
+        self._local = threading.local()
+        self._threads = 0  # threads that reported an event so far
+        self._lock = threading.RLock()  # taken on rare paths: a new thread, model or optimizer; the run's step
+        self._ticks = itertools.count(1)  # the index of the next iteration to end, whichever thread ends it
+        self._told_unwatched = self.global_hooks  # whether a guard with no model said so (at its first iteration)
         self._escalated: list[Finding] = []  # revisions from info to a warning, for the policy
         self._attached = False
+        self._attaching: int | None = None  # the thread inside attach(): a part that fails there undoes it all
         self._closed = False
         self._started = 0.0
         self._wall = 0.0
         self.overhead_s = 0.0
         #: the findings, merged, and what each new one does (warn, raise, collect)
         self.ledger = Ledger(self.policy)
+        #: Rewrites the report on a schedule while attached (``gradguard run`` sets one).
+        self.autosave: Autosave | None = None
+        #: Notes for the report's ``notes``: what happened to the run that is neither a finding nor a warning.
+        self.notes: list[str] = []
         for m in models:
             self.add_model(m)
         for o in optimizers:
@@ -153,38 +171,68 @@ class Guard:
         self.detach(_raising=exc is None)
 
     def attach(self) -> Guard:
-        """Start the sources and the detectors. Returns the guard itself."""
+        """Start the sources and the detectors. Returns the guard itself.
+
+        Attaching is all or nothing. If any part of it fails (a detector's ``setup()``, a
+        source, hooking a model or an optimizer), whatever was started is undone: no hook or
+        patch is left, the guard is not in :func:`active_guards` and not :attr:`attached`.
+        Bad input (:class:`~gradguard.ConfigurationError`) and a finding raised under the
+        ``raise`` policy then propagate; gradguard's own failure is reported as ``GG000``
+        instead, and the program runs on unwatched.
+        """
         if self._attached:
             raise RuntimeError("This Guard is already attached")
         if self._closed:
             raise RuntimeError("A Guard attaches once; create a new one for another run")
         self._attached = True
         _ACTIVE.add(self)
+        self.ledger.share()  # a finding another attached guard warned about is collected, not warned again
         self._started = time.perf_counter()
-        self.run.schedule.on_change = self._refresh_handlers
-        for det in self._detectors:
-            self._attach_detector(det)
-        consumed = self.run.schedule.consumed()
-        self._modules = ModuleSource(self, discover=self.global_hooks)
-        self._optimizer_source = OptimizerSource(self, global_hooks=self.global_hooks)
-        wanted = [cls(self) for cls in SOURCES if not cls.always and consumed.intersection(cls.provides)]
-        for source in [self._modules, self._optimizer_source, *wanted]:
-            try:
+        stage = "attach"
+        self._attaching = threading.get_ident()
+        try:
+            self.run.schedule.on_change = self._refresh_handlers
+            for det in self._detectors:
+                stage = f"attach ({det.code} {det.name})"
+                det.attach(self.run)
+                self.run.schedule.add(det)
+            stage = "attach"
+            consumed = self.run.schedule.consumed()
+            self._modules = ModuleSource(self, discover=self.global_hooks)
+            self._optimizer_source = OptimizerSource(self, global_hooks=self.global_hooks)
+            wanted = [cls(self) for cls in SOURCES if not cls.always and consumed.intersection(cls.provides)]
+            for source in [self._modules, self._optimizer_source, *wanted]:
+                stage = f"attach (source {type(source).__name__})"
+                self._sources.append(source)  # before start(): one that fails half-way is stopped too
                 source.start()
-            except Exception as exc:
-                self.source_failed(source, exc)
-                continue
-            self._sources.append(source)
-        for ref in list(self._targets):
-            target = ref()
-            if target is not None and self._modules is not None:
-                self._modules.watch(target)
-        for model in self.run.models():
-            self.emit(ModelAdded(model))
-        for opt in self.run.optimizers():
-            if self._optimizer_source is not None:
+            stage = "attach (watching the models)"
+            for ref in list(self._targets):
+                target = ref()
+                if target is not None:
+                    self._modules.watch(target)
+            for model in self.run.models():
+                self.emit(ModelAdded(model))
+            stage = "attach (watching the optimizers)"
+            for opt in self.run.optimizers():
                 self._optimizer_source.watch(opt)
-            self.emit(OptimizerAdded(opt))
+                self.emit(OptimizerAdded(opt))
+        except Exception as exc:
+            self._attaching = None
+            self._rollback()
+            if isinstance(exc, GradGuardError):  # bad input, or a finding raised by the policy
+                raise
+            cause: BaseException = exc
+            if isinstance(exc, _AttachFailed):  # a part that would have been disabled alone, with GG000
+                stage, cause = f"attach ({exc.what})", exc.__cause__ or exc
+            self._publish(self.ledger.internal_error(stage, cause, None, self.run.step))
+            if self.json_path is not None:
+                with contextlib.suppress(Exception):  # the report says why nothing was watched
+                    self.write_json(self.json_path)
+        except BaseException:
+            self._attaching = None
+            self._rollback()
+            raise
+        self._attaching = None
         return self
 
     def detach(self, _raising: bool = True) -> None:
@@ -201,16 +249,7 @@ class Guard:
             closing = self._deliver(Close())
             self.overhead_s += time.perf_counter() - start
         finally:
-            for source in reversed(self._sources):
-                with contextlib.suppress(Exception):  # stopping must go on for the others
-                    source.stop()
-            self._sources.clear()
-            self._modules = None
-            self._optimizer_source = None
-            for det in self._detectors:
-                if det.attached:
-                    self._detach_detector(det)
-            self.run.schedule.on_change = None
+            self._stop()
             self._targets.clear()
             self._model_ids.clear()
             self._optimizer_ids.clear()
@@ -222,13 +261,16 @@ class Guard:
             if self.json_path is not None:
                 self.write_json(self.json_path)
         escalated, self._escalated = self._escalated, []
-        if closing or escalated:
-            if _raising:
-                self._publish(closing)
-                self.policy.apply(escalated)
-            else:
-                for f in closing:
-                    self._notify(f)
+        try:
+            if closing or escalated:
+                if _raising:
+                    self._publish(closing)
+                    self.ledger.apply(escalated)
+                else:
+                    for f in closing:
+                        self._notify(f)
+        finally:
+            self.ledger.unshare()
 
     @property
     def attached(self) -> bool:
@@ -256,30 +298,36 @@ class Guard:
         """Watch another root module (its forward marks an iteration)."""
         if not isinstance(module, torch.nn.Module):
             raise ConfigurationError(f"Expected model to be a torch.nn.Module but got {type(module).__name__}")
-        if not any(r() is module for r in self._targets):
-            self._targets.append(weakref.ref(module))
+        with self._lock:  # threads may find models at once
+            if not any(r() is module for r in self._targets):
+                self._targets.append(weakref.ref(module))
         if self._modules is not None:
             self._modules.watch(module)
         model = unwrap(module)
-        if id(model) in self._model_ids and any(m is model for m in self.run.models()):
-            return
-        self._model_ids.add(id(model))
-        self.run._add_model(model)
+        with self._lock:
+            if id(model) in self._model_ids and any(m is model for m in self.run.models()):
+                return
+            self._model_ids.add(id(model))
+            self.run._add_model(model)
         if self._attached:
             self._timed(ModelAdded(model))
 
-    def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Watch another optimizer (its ``step()`` marks a step)."""
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigurationError(
-                f"Expected optimizer to be a torch.optim.Optimizer but got {type(optimizer).__name__}"
-            )
+    def add_optimizer(self, optimizer: torch.optim.Optimizer | Any) -> None:
+        """Watch another optimizer (its ``step()`` marks a step).
+
+        A wrapper (Accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``,
+        an object that holds the optimizer in an attribute) is watched as the optimizer it wraps.
+        """
+        optimizer = unwrap_optimizer(optimizer, "optimizer")
         if id(optimizer) in self._optimizer_ids and any(o is optimizer for o in self.run.optimizers()):
             return
-        self._optimizer_ids.add(id(optimizer))
-        self.run._add_optimizer(optimizer)
-        if self._optimizer_source is not None:
-            self._optimizer_source.watch(optimizer)
+        with self._lock:  # threads may step a new optimizer at once: it is added once
+            if id(optimizer) in self._optimizer_ids and any(o is optimizer for o in self.run.optimizers()):
+                return
+            if self._optimizer_source is not None:
+                self._optimizer_source.watch(optimizer)  # first: one that cannot be hooked is not half added
+            self._optimizer_ids.add(id(optimizer))
+            self.run._add_optimizer(optimizer)
         if self._modules is not None and self.global_hooks:
             self._modules.adopt(optimizer)
         if self._attached:
@@ -324,7 +372,7 @@ class Guard:
             self._publish(new)
         if self._escalated:  # revised from info to a warning: the policy applies now
             escalated, self._escalated = self._escalated, []
-            self.policy.apply(escalated)
+            self.ledger.apply(escalated)
 
     # ------------------------------------------------------------------ findings
     @property
@@ -349,12 +397,19 @@ class Guard:
     # ------------------------------------------------------------------ the sources' side
     def forward_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         start = time.perf_counter()
-        if self._quiet >= _EVAL_STREAK and id(module) in self._called:
-            self._called.clear()
-            self._tick("forward")  # evaluation: a model called again, no backward or step since
-        self._quiet += 1
-        self._called.add(id(module))
-        self.run._iteration += 1
+        try:
+            loop = self._local.loop
+        except AttributeError:
+            loop = self._new_loop()
+        if loop.quiet >= _EVAL_STREAK and id(module) in loop.called:
+            loop.called.clear()
+            self._tick("forward", loop)  # evaluation: a model called again, no backward or step since
+        loop.quiet += 1
+        loop.called.add(id(module))
+        if loop.counts is None:
+            self.run._iteration += 1
+        else:
+            loop.counts.forwards += 1
         if ForwardPre in self._handlers:
             self.emit(ForwardPre(unwrap(module), args, kwargs))
         self.overhead_s += time.perf_counter() - start
@@ -367,39 +422,59 @@ class Guard:
 
     def backward(self, post: bool, tensors: tuple[Any, ...]) -> None:
         start = time.perf_counter()
+        try:
+            loop = self._local.loop
+        except AttributeError:
+            loop = self._new_loop()
         if not post:
-            self.run._backwards += 1
+            if loop.counts is None:
+                self.run._backwards += 1
+            else:
+                loop.counts.backwards += 1
         event_type = BackwardPost if post else BackwardPre
         if event_type in self._handlers:
             self.emit(event_type(tensors))
         if post:
-            self._quiet = 0
-            self._called.clear()
-            self._stepless += 1
-            if not self._in_step and (self.run._step == 0 or self._stepless > _STEPLESS):
-                self._tick("backward")  # no optimizer steps: each backward() is an iteration
+            loop.quiet = 0
+            loop.called.clear()
+            loop.stepless += 1
+            if not loop.in_step and (self.run._step == 0 or loop.stepless > _STEPLESS):
+                self._tick("backward", loop)  # no optimizer steps: each backward() is an iteration
         self.overhead_s += time.perf_counter() - start
 
     def step_pre(self, optimizer: torch.optim.Optimizer) -> None:
-        self._in_step = True
+        try:
+            loop = self._local.loop
+        except AttributeError:
+            loop = self._new_loop()
+        loop.in_step = True
         if StepPre in self._handlers:
             self._timed(StepPre(optimizer))
 
     def step_post(self, optimizer: torch.optim.Optimizer) -> None:
         start = time.perf_counter()
         run = self.run
-        self._in_step = False
-        self._quiet = self._stepless = 0
-        self._called.clear()
+        try:
+            loop = self._local.loop
+        except AttributeError:
+            loop = self._new_loop()
+        loop.in_step = False
+        loop.quiet = loop.stepless = 0
+        loop.called.clear()
+        # one thread at a time steps an optimizer (torch's step() is not safe from two at once)
         count = run._optimizer_steps.get(id(optimizer), 0) + 1
         run._optimizer_steps[id(optimizer)] = count
         if StepPost in self._handlers:
             self.emit(StepPost(optimizer))
-        if self._step_base + count > run._step:
-            run._step = self._step_base + count
+        step = self._step_base + count
+        with self._lock:  # the run's step takes each value once, whichever thread's optimizer gets there
+            advanced = step > run._step
+            if advanced:
+                run._step = step
+        if advanced:
             if StepEnd in self._handlers:
-                self.emit(StepEnd(run._step))
-            self._tick("step")
+                self.emit(StepEnd(step))
+            self._tick("step", loop, step)
         self.overhead_s += time.perf_counter() - start
 
     def module_changed(self, module: torch.nn.Module) -> None:
@@ -434,7 +509,7 @@ class Guard:
                 data = {"error": repr(exc)}
             if data is not None:
                 extra[det.code] = data
-        return build_report(
+        report = build_report(
             findings=self.findings,
             steps=self.step,
             iterations=self.iteration,
@@ -445,6 +520,9 @@ class Guard:
             suppressed=self.ledger.suppressed,
             command=self.command,
         )
+        if self.notes:
+            report["notes"] = list(self.notes)
+        return report
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dict` as JSON, atomically (a crash never leaves half a file)."""
@@ -468,30 +546,69 @@ class Guard:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`. The argument is not modified."""
-        if not isinstance(state, dict) or state.get("version") != 1:
-            raise ConfigurationError(f"Expected a gradguard state dict of version 1 but got {state!r:.80}")
+        """Restore :meth:`state_dict`. The argument is not modified.
+
+        Raises:
+            ConfigurationError: ``state`` is no state of this version, or a part of it is
+                malformed (the message names it, ``state['findings'][2]['severity']`` say);
+                nothing is restored then.
+        """
+        if not isinstance(state, dict):
+            raise ConfigurationError(
+                f"Expected state to be a dict from Guard.state_dict() but got {type(state).__name__}"
+            )
+        if state.get("version") != 1:
+            raise ConfigurationError(
+                f"Expected state['version'] to be 1 (a Guard.state_dict() of this gradguard) "
+                f"but got {state.get('version')!r:.80}"
+            )
+        counters = {key: _state_int(state, key, 0) for key in ("step", "iteration", "clock") if key in state}
+        findings = _state_findings(state)
+        saved = _state_detectors(state, self._detectors)
         run = self.run
-        run._step = int(state.get("step", 0))
+        run._step = counters.get("step", 0)
         self._step_base = run._step - max(run._optimizer_steps.values(), default=0)
-        run._iteration = int(state.get("iteration", 0))
-        run._clock = int(state.get("clock", run._step))
-        for data in state.get("findings", []):
-            f = Finding.from_dict(data)
+        run._iteration = counters.get("iteration", 0)
+        run._clock = counters.get("clock", run._step)
+        self._ticks = itertools.count(run.clock + 1)
+        for f in findings:
             self.ledger.restore(f)
         for det in self._detectors:
-            if det.code in state.get("detectors", {}):
-                det.load_state_dict(state["detectors"][det.code])
+            if det.code in saved:
+                try:
+                    det.load_state_dict(saved[det.code])
+                except ConfigurationError:
+                    raise
+                except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                    raise ConfigurationError(
+                        f"Expected state['detectors'][{det.code!r}] to be a state of {det.code} {det.name} "
+                        f"but restoring it failed: {exc}"
+                    ) from exc
         self._refresh_handlers()
 
     # ------------------------------------------------------------------ internals
-    def _attach_detector(self, det: Detector) -> None:
+    def _stop(self) -> None:
+        """Stop every source (each hook and patch removed) and detach every detector."""
+        for source in reversed(self._sources):
+            with contextlib.suppress(Exception):  # stopping must go on for the others
+                source.stop()
+        self._sources.clear()
+        self._modules = None
+        self._optimizer_source = None
+        for det in self._detectors:
+            if det.attached:
+                self._detach_detector(det)
+        self.run.schedule.on_change = None
+
+    def _rollback(self) -> None:
+        """Undo a failed :meth:`attach`: as before it, so that a later attach can start afresh."""
         try:
-            det.attach(self.run)
-        except Exception as exc:
-            self._publish(self._internal_error(f"{det.code} {det.name}", exc, det))
-            return
-        self.run.schedule.add(det)
+            self._stop()
+        finally:
+            self._handlers = {}
+            self._attached = False
+            _ACTIVE.discard(self)
+            self.ledger.unshare()
 
     def _detach_detector(self, det: Detector) -> None:
         self.run.schedule.remove(det)
@@ -501,6 +618,8 @@ class Guard:
             det._run = None
 
     def _internal_error(self, what: str, exc: BaseException, det: Detector | None) -> list[Finding]:
+        if self._attaching == threading.get_ident():
+            raise _AttachFailed(what) from exc  # attach() undoes everything and reports it
         if det is not None and det.attached:
             self._detach_detector(det)
         return self.ledger.internal_error(what, exc, det.code if det is not None else None, self.run.step)
@@ -510,23 +629,71 @@ class Guard:
         self.emit(event)
         self.overhead_s += time.perf_counter() - start
 
-    def _tick(self, by: str) -> None:
-        """An iteration ended: the sources' periodic look, ``IterationEnd``, the next iteration's handlers."""
+    def _tick(self, by: str, loop: _Loop, step: int | None = None) -> None:
+        """An iteration of ``loop``'s thread ended (at ``step``, for a step that ended it).
+
+        Counted in that thread's counts, numbered by one counter for all the threads; then
+        the sources' periodic look, ``IterationEnd``, the next iteration's handlers.
+        """
         run = self.run
-        run._clock += 1
-        if run._clock <= self.budget.warmup or run._clock % _REFRESH_EVERY == 0:
+        if loop.counts is None:
+            run._clock += 1
+        else:
+            loop.counts.ticks += 1
+        index = next(self._ticks)  # atomic: two threads never end iteration number n both
+        if index <= self.budget.warmup or index % _REFRESH_EVERY == 0:
             for source in list(self._sources):
                 try:
                     source.refresh()
                 except Exception as exc:
                     self.source_failed(source, exc)
         if IterationEnd in self._handlers:
-            self.emit(IterationEnd(run._clock, run._step, by))
-        self._refresh_handlers()  # the next iteration's
+            self.emit(IterationEnd(index, run._step if step is None else step, by))
+        self._refresh_handlers(index)  # the next iteration's
+        if self.autosave is not None:
+            self.autosave.poll(run._step or index, self.ledger.version)
+        if not self._told_unwatched:
+            self._warn_unwatched()
 
-    def _refresh_handlers(self) -> None:
+    def _warn_unwatched(self) -> None:
+        """At the first iteration: a guard that is not global and has no model says so, once."""
+        self._told_unwatched = True
+        if self.run.models():
+            return
+        if self.run.optimizers():
+            what = (
+                "was given no model: it counts no forward and checks no model's parameters "
+                "until guard.add_model(model) (or Guard(model, optimizer))"
+            )
+        else:
+            what = (
+                "watches nothing: it was given no model and no optimizer, and global_hooks is off; "
+                "call guard.add_model(model) and guard.add_optimizer(optimizer), pass them to "
+                "Guard(model, optimizer), or watch the whole process with global_hooks=True"
+            )
+        location = user_location()
+        filename = location.file if location is not None else "<gradguard>"
+        warnings.warn_explicit(
+            f"gradguard: this Guard {what}",
+            category=NothingWatchedWarning,
+            filename=filename,
+            lineno=location.line if location is not None else 0,
+            module=os.path.splitext(os.path.basename(filename))[0],
+        )
+
+    def _new_loop(self) -> _Loop:
+        """The first event of a thread: its loop, counted in the run's own counters if it is the first thread."""
+        loop = _Loop()
+        with self._lock:
+            if self._threads:
+                loop.counts = self.run._add_counts(loop)
+            self._threads += 1
+        self._local.loop = loop
+        return loop
+
+    def _refresh_handlers(self, clock: int | None = None) -> None:
         run = self.run
-        self._handlers = run.schedule.table((run._step or run._clock) + 1)
+        self._handlers = run.schedule.table((run._step or (run.clock if clock is None else clock)) + 1)
 
     def _deliver(self, event: Event) -> list[Finding]:
         listeners = self._handlers.get(event.__class__)
@@ -561,12 +728,134 @@ class Guard:
         self.ledger.notify(finding)
 
 
+class _Loop:
+    """One thread's training or evaluation loop: what it did since its last iteration boundary.
+
+    The shape of a loop (see docs/architecture.md, "What an iteration is") is each
+    thread's own: a thread's forwards, backward() calls and steps never end another
+    thread's iteration. ``counts`` is where the thread counts its forwards, backward() calls
+    and iterations: ``None`` for the first thread, which counts in the :class:`Run` itself.
+    """
+
+    __slots__ = ("__weakref__", "called", "counts", "in_step", "quiet", "stepless")
+
+    def __init__(self) -> None:
+        self.quiet = 0  # root forwards since the last backward() or step()
+        self.called: set[int] = set()  # root modules called since the last iteration boundary
+        self.stepless = 0  # backward() calls since the last optimizer step
+        self.in_step = False  # inside an optimizer's step() (an LBFGS closure's backward is part of it)
+        self.counts: Counts | None = None
+
+
+class _AttachFailed(Exception):
+    """A part of :meth:`Guard.attach` failed that would be disabled alone later in the run."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+_SEVERITIES = ("info", "warning", "error")
+_FINDING = "a finding (a dict with 'code', 'name', 'severity' and 'message', as Finding.to_dict() makes)"
+
+
+def _state_int(data: dict[str, Any], key: str, low: int, at: str = "state") -> int:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ConfigurationError(f"Expected {at}[{key!r}] to be an integer >= {low} but got {value!r:.80}")
+    return int(value)
+
+
+def _state_findings(state: dict[str, Any]) -> list[Finding]:
+    """The findings of a saved guard state, each checked: the first malformed one is named in the error."""
+    items = state.get("findings", [])
+    if not isinstance(items, list):
+        raise ConfigurationError(f"Expected state['findings'] to be a list of findings but got {type(items).__name__}")
+    findings = []
+    for i, data in enumerate(items):
+        at = f"state['findings'][{i}]"
+        if not isinstance(data, dict):
+            raise ConfigurationError(f"Expected {at} to be {_FINDING} but got {type(data).__name__}")
+        missing = [key for key in ("code", "name", "severity", "message") if key not in data]
+        if missing:
+            raise ConfigurationError(
+                f"Expected {at} to be {_FINDING} but got a dict without {', '.join(map(repr, missing))}"
+            )
+        for key in ("code", "name", "message", "hint", "where"):
+            if key in data and not isinstance(data[key], str):
+                raise ConfigurationError(f"Expected {at}[{key!r}] to be a str but got {type(data[key]).__name__}")
+        severity = data["severity"]
+        if not isinstance(severity, str) or severity not in _SEVERITIES:
+            raise ConfigurationError(
+                f"Expected {at}['severity'] to be one of {', '.join(map(repr, _SEVERITIES))} but got {severity!r:.80}"
+            )
+        for key, low in (("step", 0), ("count", 1)):
+            if key in data:
+                _state_int(data, key, low, at)
+        location = data.get("location")
+        if location is not None:
+            if not isinstance(location, dict) or not isinstance(location.get("file"), str) or "line" not in location:
+                raise ConfigurationError(
+                    f"Expected {at}['location'] to be None or a dict with 'file' and 'line' but got {location!r:.80}"
+                )
+            _state_int(location, "line", 0, f"{at}['location']")
+            if not isinstance(location.get("function", ""), str):
+                raise ConfigurationError(
+                    f"Expected {at}['location']['function'] to be a str but got {type(location['function']).__name__}"
+                )
+        if data.get("data") is not None and not isinstance(data["data"], dict):
+            raise ConfigurationError(
+                f"Expected {at}['data'] to be a dict or None but got {type(data['data']).__name__}"
+            )
+        try:
+            findings.append(Finding.from_dict(data))
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise ConfigurationError(f"Expected {at} to be {_FINDING} but reading it failed: {exc!r}") from exc
+    return findings
+
+
+def _state_detectors(state: dict[str, Any], detectors: list[Detector]) -> dict[str, Any]:
+    """The saved detector states, by code, those of ``detectors`` checked: a dict of their own fields each."""
+    saved = state.get("detectors", {})
+    if not isinstance(saved, dict):
+        raise ConfigurationError(
+            f"Expected state['detectors'] to be a dict of detector states by code but got {type(saved).__name__}"
+        )
+    for det in detectors:
+        if det.code not in saved:
+            continue
+        at = f"state['detectors'][{det.code!r}]"
+        value = saved[det.code]
+        if not isinstance(value, dict):
+            raise ConfigurationError(
+                f"Expected {at} to be a dict (the state of {det.code}) but got {type(value).__name__}"
+            )
+        unknown = sorted(repr(key) for key in value if key not in det.state_fields)
+        if unknown:
+            raise ConfigurationError(
+                f"Expected the keys of {at} among {list(det.state_fields)} but got {', '.join(unknown)}"
+            )
+    return saved
+
+
 def _tuple(value: Iterable[str] | str | None) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         return (value,)
     return tuple(value)
+
+
+def _optimizer_list(value: Any) -> list[torch.optim.Optimizer]:
+    """``Guard(optimizer=...)``: an optimizer or a wrapper of one, or a list of them; each unwrapped."""
+    if value is None:
+        return []
+    found = find_optimizer(value)
+    if found is not None:
+        return [found]
+    if isinstance(value, (str, bytes, torch.nn.Module)) or not isinstance(value, Iterable):
+        return [unwrap_optimizer(value, "optimizer", lists=True)]  # raises, naming what is accepted
+    return [unwrap_optimizer(item, "every optimizer") for item in value]
 
 
 def _as_list(value: Any, kind: type, arg: str) -> list[Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,7 +22,7 @@ from gradguard import suppress
 from gradguard.errors import ConfigurationError
 from gradguard.findings import Finding, Severity
 from gradguard.introspect.frames import user_location
-from gradguard.policy import Policy
+from gradguard.policy import Policy, Shared
 
 _REVISABLE = frozenset({"severity", "message", "hint", "data"})
 
@@ -35,6 +36,9 @@ class Ledger:
         self._restored: set[tuple[Any, ...]] = set()  # from a checkpoint, not seen again in this run yet
         self._suppressed: dict[tuple[Any, ...], Finding] = {}  # dropped by a comment at their line
         self.callbacks: list[Callable[[Finding], None]] = []
+        #: Goes up with every change to the findings, a count included (what a report writer polls).
+        self.version = 0
+        self._shared: Shared | None = None  # this guard's part in the record of warned findings, while attached
 
     @property
     def findings(self) -> list[Finding]:
@@ -52,6 +56,7 @@ class Ledger:
         run warns about what is still wrong. A finding that a comment at its line ignores is
         kept aside, never published.
         """
+        self.version += 1
         hidden = self._suppressed.get(finding.key)
         if hidden is not None or (finding.key not in self._findings and suppress.suppressed(finding)):
             count = hidden.count + finding.count if hidden is not None else finding.count
@@ -70,11 +75,13 @@ class Ledger:
     def restore(self, finding: Finding) -> None:
         """A finding from a checkpoint: kept unless the same one is already known."""
         if finding.key not in self._findings:
+            self.version += 1
             self._findings[finding.key] = finding
             self._restored.add(finding.key)
 
     def revise(self, finding: Finding, **changes: Any) -> Finding:
         """Replace a published finding by a revised one, keeping its place, first step and count."""
+        self.version += 1
         hidden = self._suppressed.get(finding.key)
         if hidden is not None and set(changes) <= _REVISABLE:
             revised = self._suppressed[finding.key] = dataclasses.replace(hidden, **changes)
@@ -99,7 +106,28 @@ class Ledger:
         """Tell the callbacks, then apply the policy (warn or raise) to findings seen for the first time."""
         for f in new:
             self.notify(f)
-        self.policy.apply(new)
+        self.apply(new)
+
+    def apply(self, findings: list[Finding]) -> None:
+        """Apply the policy; while shared, a finding another attached guard warned is not warned again.
+
+        It stays among the findings; only the warning is skipped (raising never is).
+        """
+        shared = self._shared
+        if shared is not None:
+            findings = [f for f in findings if not self.policy.warns(f) or shared.claim(f.key)]
+        self.policy.apply(findings)
+
+    def share(self) -> None:
+        """Take part in the process-wide record of warned findings (a guard does while attached)."""
+        if self._shared is None:
+            self._shared = Shared()
+
+    def unshare(self) -> None:
+        """Leave the record of warned findings."""
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.close()
 
     def notify(self, finding: Finding) -> None:
         for callback in list(self.callbacks):
@@ -132,3 +160,52 @@ class Ledger:
         )
         recorded = self.record(finding)
         return [recorded] if recorded is not None else []
+
+
+class Autosave:
+    """Rewrites a report while a run goes on, so that one killed without warning leaves it current.
+
+    :meth:`poll` is called at the end of every iteration with the step (or iteration) and the
+    ledger's :attr:`Ledger.version`. It writes at steps 1, 2, 4, 8, ... and, in between, at
+    most every ``every_s`` seconds, and only when the step or the findings changed since the
+    last write. Between writes it costs an integer and a clock comparison; a failed write is
+    dropped (the next one may succeed), never raised into training.
+
+    >>> times, written = iter([0.0, 1.0, 2.0, 3.0, 20.0]), []
+    >>> save = Autosave(lambda: written.append(1), every_s=15.0, clock=lambda: next(times))
+    >>> for step in (1, 2, 3, 3):
+    ...     save.poll(step, 0)
+    >>> len(written)  # steps 1 and 2 (powers of two); step 3 once 15 s have passed
+    3
+    """
+
+    def __init__(
+        self, write: Callable[[], None], *, every_s: float = 15.0, clock: Callable[[], float] = time.monotonic
+    ):
+        self._write = write
+        self._every_s = float(every_s)
+        self._clock = clock
+        self._next = 1  # the next power of two
+        self._due = clock() + self._every_s
+        self._written: tuple[int, int] | None = None
+
+    def poll(self, step: int, version: int) -> None:
+        """Write if due: at a power of two, or ``every_s`` after the last look, if anything changed."""
+        if step < self._next:
+            now = self._clock()
+            if now < self._due:
+                return
+        else:
+            now = self._clock()
+            while self._next <= step:
+                self._next *= 2
+        self._due = now + self._every_s
+        self.flush(step, version)
+
+    def flush(self, step: int, version: int) -> None:
+        """Write now, unless nothing changed since the last write."""
+        if self._written == (step, version):
+            return
+        self._written = (step, version)
+        with contextlib.suppress(Exception):  # a report writer must never break training
+            self._write()

@@ -1,4 +1,11 @@
-"""What a finding does once found: warn, raise or be collected; select and ignore."""
+"""What a finding does once found: warn, raise or be collected; select and ignore.
+
+Guards that watch the same thing at once (a script's own ``Guard`` under ``gradguard run``,
+two guards on one model) find the same mistakes. Each collects them, but only the first to
+see one warns: attached guards share a record of the findings warned while they were
+attached (:class:`Shared`), keyed by code and place only, so it holds nothing of the
+user's, and it is emptied when the last of them detaches.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import enum
 import os
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 from gradguard.errors import ConfigurationError, FindingError, FindingWarning
 from gradguard.findings import Finding, Severity
@@ -53,6 +61,18 @@ class Policy:
             return False
         return not (self.ignore and code.startswith(self.ignore))
 
+    def warns(self, finding: Finding) -> bool:
+        """Whether :meth:`apply` warns about ``finding`` (rather than raise it or stay silent).
+
+        >>> from gradguard.findings import Finding, Severity
+        >>> f = Finding("GG101", "missing-zero-grad", Severity.WARNING, "applied twice")
+        >>> Policy("warn").warns(f), Policy("raise").warns(f), Policy("collect").warns(f)
+        (True, False, False)
+        """
+        if finding.severity < Severity.WARNING:
+            return False
+        return self.action == Action.WARN or (self.action == Action.RAISE and finding.code == "GG000")
+
     def apply(self, new: list[Finding]) -> None:
         """Warn about or raise the findings that were just seen for the first time."""
         loud = [f for f in new if f.severity >= Severity.WARNING]
@@ -69,6 +89,56 @@ class Policy:
             return
         for finding in loud:
             _warn(finding)
+
+
+_warned: dict[Any, tuple[int, int]] = {}  # a finding's key -> (when, by which share) it was last warned
+_open: set[int] = set()  # the shares of the guards attached now
+_clock = 0  # counts the warnings and the shares
+
+
+class Shared:
+    """One attached guard's part in the process-wide record of warned findings.
+
+    The record maps a finding's key (code, place, location: strings and numbers) to when
+    and by which guard it was last warned. A guard does not warn about a finding that
+    another warned while this one was attached, or that a guard still attached warned:
+    it is one mistake, seen by several guards. A guard attached later than a warning whose
+    guard has gone warns again (its run is another). The record is emptied when the last
+    guard taking part closes its share.
+
+    >>> from gradguard.findings import Finding, Severity
+    >>> key = Finding("GG101", "missing-zero-grad", Severity.WARNING, "applied twice").key
+    >>> a, b = Shared(), Shared()
+    >>> a.claim(key), b.claim(key), a.claim(key)
+    (True, False, True)
+    >>> a.close()
+    >>> c = Shared()
+    >>> b.claim(key), c.claim(key)  # b was attached when a warned; c was not, and a is gone
+    (False, True)
+    >>> b.close(); c.close()
+    """
+
+    def __init__(self) -> None:
+        global _clock
+        _clock += 1
+        self._id = self._since = _clock
+        _open.add(self._id)
+
+    def claim(self, key: Any) -> bool:
+        """Whether this guard warns about the finding with ``key`` (and is then recorded as its warner)."""
+        global _clock
+        seen = _warned.get(key)
+        if seen is not None and seen[1] != self._id and (seen[0] > self._since or seen[1] in _open):
+            return False
+        _clock += 1
+        _warned[key] = (_clock, self._id)
+        return True
+
+    def close(self) -> None:
+        """Leave the record (at detach); the last to leave empties it."""
+        _open.discard(self._id)
+        if not _open:
+            _warned.clear()
 
 
 def _warn(finding: Finding) -> None:

@@ -43,7 +43,7 @@ If a guard is already installed when a test starts (by the surrounding process o
 of the test's fixtures), the plugin leaves that test alone: it neither installs, removes
 nor checks anything; ``gradguard_guard`` then gives that guard, unchecked
 (``GuardFixture.checked`` is ``False``). A test whose body calls ``gradguard.install()``
-itself needs ``@pytest.mark.gradguard(enabled=False)`` under ``--gradguard``.
+itself joins the test's guard.
 
 Example:
 
@@ -328,7 +328,7 @@ class _Session:
 
         try:
             if installed() is guard:
-                uninstall()
+                uninstall(force=True)
             else:  # the test removed it, or replaced it by its own: that one is the test's business
                 guard.detach()
         finally:

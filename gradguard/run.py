@@ -10,11 +10,14 @@ reading it costs the same on a 7B model as on a toy.
 
 from __future__ import annotations
 
+import types
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
+from gradguard.errors import ConfigurationError
+from gradguard.introspect.dtensor import sharded_views
 from gradguard.sampling import Budget
 from gradguard.schedule import Schedule
 
@@ -52,6 +55,132 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+#: Where wrappers keep the optimizer they wrap: Accelerate's and DeepSpeed's ``optimizer``, Lightning's ``_optimizer``.
+_WRAPPED_OPTIMIZER = ("optimizer", "_optimizer")
+_OPTIMIZER_DEPTH = 4  # wrappers around wrappers followed at most
+_ACCEPTED = (
+    "a torch.optim.Optimizer, or a wrapper that holds one in an attribute (Accelerate's AcceleratedOptimizer, "
+    "Lightning's LightningOptimizer)"
+)
+
+
+def find_optimizer(obj: object) -> torch.optim.Optimizer | None:
+    """The torch optimizer ``obj`` is or wraps, or ``None`` if it is neither.
+
+    A wrapper is followed through ``optimizer`` or ``_optimizer``, or through its one
+    attribute that holds an optimizer, a few wrappers deep. An optimizer subclass that
+    holds another optimizer there is a wrapper too; one that torch's ``Optimizer.__init__``
+    never set up (Accelerate's) is used only through the optimizer it holds. Attributes are
+    read from the instance's ``__dict__``: no property or ``__getattr__`` of the object runs.
+
+    >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    >>> find_optimizer(opt) is opt, find_optimizer(torch.optim.lr_scheduler.StepLR(opt, 1)) is opt
+    (True, True)
+    >>> find_optimizer("adam") is None
+    True
+    """
+    return _find_optimizer(obj, _OPTIMIZER_DEPTH, set())
+
+
+def unwrap_optimizer(obj: object, arg: str = "optimizer", *, lists: bool = False) -> torch.optim.Optimizer:
+    """The torch optimizer ``obj`` is or wraps (see :func:`find_optimizer`); raises for anything else.
+
+    Raises:
+        ConfigurationError: ``obj`` is no optimizer and holds none gradguard can find; the
+            message names ``arg``, the type received and what is accepted (a list of them
+            too, with ``lists``).
+
+    >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    >>> class Wrapper:
+    ...     def __init__(self, inner):
+    ...         self.inner = inner
+    >>> unwrap_optimizer(Wrapper(opt)) is opt
+    True
+    >>> unwrap_optimizer(0.1, "optimizer")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    gradguard.errors.ConfigurationError: Expected optimizer to be a torch.optim.Optimizer, or ... but got float
+    """
+    found = find_optimizer(obj)
+    if found is not None:
+        return found
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if type(obj).__module__ == "builtins":
+        kind = type(obj).__qualname__
+    held = [name for name, value in _instance_attributes(obj).items() if isinstance(value, torch.optim.Optimizer)]
+    if len(held) > 1:
+        why = f", which holds several optimizers ({', '.join(held)}): pass the one meant, or a list of them"
+    elif isinstance(obj, torch.optim.Optimizer):
+        why = ", an optimizer class whose __init__ never called torch.optim.Optimizer.__init__, holding no optimizer"
+    else:
+        why = ""
+    accepted = f"{_ACCEPTED}, or a list of them" if lists else _ACCEPTED
+    raise ConfigurationError(f"Expected {arg} to be {accepted} but got {kind}{why}")
+
+
+def _find_optimizer(obj: object, depth: int, seen: set[int]) -> torch.optim.Optimizer | None:
+    if depth < 0 or id(obj) in seen or isinstance(obj, (type, types.ModuleType)):
+        return None  # a module's globals are no wrapper's state (and reading some of them warns)
+    seen.add(id(obj))
+    attrs = _instance_attributes(obj)
+    if _is_optimizer(obj) and "_optimizer_step_pre_hooks" in attrs:
+        # a set-up optimizer: itself, unless it wraps another under a wrapper's name (its step() calls that one's)
+        for name in _WRAPPED_OPTIMIZER:
+            inner = attrs.get(name)
+            if _is_optimizer(inner):
+                found = _find_optimizer(inner, depth - 1, seen)
+                if found is not None:
+                    return found
+        return obj
+    for name in _WRAPPED_OPTIMIZER:  # DeepSpeed's engine optimizer is no torch optimizer, and wraps one
+        if name in attrs:
+            found = _find_optimizer(attrs[name], depth - 1, seen)
+            if found is not None:
+                return found
+    held = {id(v): v for v in attrs.values() if _is_optimizer(v) and v is not obj}
+    if len(held) == 1:
+        return _find_optimizer(next(iter(held.values())), depth - 1, seen)
+    return None
+
+
+def _is_optimizer(obj: object) -> TypeGuard[torch.optim.Optimizer]:
+    # type(), never isinstance(): isinstance reads __class__, which some objects answer with a warning
+    return issubclass(type(obj), torch.optim.Optimizer)
+
+
+def _instance_attributes(obj: object) -> dict[str, Any]:
+    """``obj.__dict__``, read without running the object's own attribute lookup; empty if it has none."""
+    try:
+        attrs = object.__getattribute__(obj, "__dict__")
+    except Exception:  # slots, or a broken object: nothing to follow
+        return {}
+    return attrs if isinstance(attrs, dict) else {}
+
+
+class Counts:
+    """One thread's share of the counters of a run, written by that thread alone.
+
+    The first thread that reports to a guard counts in the :class:`Run`'s own attributes,
+    and every other thread in a ``Counts`` of its own, so that no counter is ever written by
+    two threads at once and none loses a count; the run's counters are their sums. The
+    ``Counts`` of threads that have ended are folded into one when another thread starts, so
+    there are never more than the live threads, plus one.
+    """
+
+    __slots__ = ("backwards", "forwards", "owner", "ticks")
+
+    def __init__(self, owner: object | None = None, forwards: int = 0, backwards: int = 0, ticks: int = 0) -> None:
+        self.forwards = forwards
+        self.backwards = backwards
+        self.ticks = ticks
+        #: what the thread holds while it runs (its loop state), weakly; ``None`` once folded
+        self.owner = weakref.ref(owner) if owner is not None else None
+
+    def ended(self) -> bool:
+        """Whether no thread writes these counts any longer."""
+        return self.owner is None or self.owner() is None
+
+
 class Run:
     """What detectors may know of the run. They read it; only the guard writes it."""
 
@@ -62,6 +191,7 @@ class Run:
         self._iteration = 0
         self._backwards = 0
         self._clock = 0
+        self._others: tuple[Counts, ...] = ()  # the counts of the threads after the first (see Counts)
         self._models: list[weakref.ref[torch.nn.Module]] = []
         self._optimizers: list[weakref.ref[torch.optim.Optimizer]] = []
         self._optimizer_steps: dict[int, int] = {}
@@ -84,18 +214,21 @@ class Run:
 
     @property
     def iteration(self) -> int:
-        """Calls of a root model's forward so far."""
-        return self._iteration
+        """Calls of a root model's forward so far, in every thread."""
+        others = self._others
+        return self._iteration + sum(c.forwards for c in others) if others else self._iteration
 
     @property
     def clock(self) -> int:
         """Iterations ended so far, however the loop marks them (see :class:`~gradguard.events.IterationEnd`)."""
-        return self._clock
+        others = self._others
+        return self._clock + sum(c.ticks for c in others) if others else self._clock
 
     @property
     def backwards(self) -> int:
-        """``backward()`` calls so far."""
-        return self._backwards
+        """``backward()`` calls so far, in every thread."""
+        others = self._others
+        return self._backwards + sum(c.backwards for c in others) if others else self._backwards
 
     def optimizer_steps(self, optimizer: torch.optim.Optimizer) -> int:
         """How many times ``optimizer`` stepped while watched."""
@@ -111,18 +244,24 @@ class Run:
         return [o for o in (r() for r in self._optimizers) if o is not None]
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """Every parameter of the models, once each, with its name (cached)."""
+        """Every parameter of the models, once each, with its name (cached).
+
+        Under ``fully_shard`` (FSDP2) a parameter is the sharded one that optimizers hold, even
+        while its module holds an unsharded view (between forward and backward).
+        """
         if self._params is None:
             seen: set[int] = set()
             params: list[tuple[str, torch.nn.Parameter]] = []
             modules: set[int] = set()
             paths: dict[int, str] = {}
             for model in self.models():
+                sharded = sharded_views(model)
                 for path, module in model.named_modules():
                     modules.add(id(module))
                     if self._left:
                         paths.setdefault(id(module), path)
-                for name, p in model.named_parameters(remove_duplicate=True):
+                for name, view in model.named_parameters(remove_duplicate=True):
+                    p = sharded.get(id(view), view)
                     if id(p) not in seen:
                         seen.add(id(p))
                         params.append((name, p))
@@ -192,6 +331,16 @@ class Run:
         self.schedule.listen(detector, event, on)
 
     # ------------------------------------------------------------------ written by the guard
+    def _add_counts(self, owner: object) -> Counts:
+        """Counts for a thread after the first, held by ``owner`` (one caller at a time: the guard's lock)."""
+        counts = Counts(owner)
+        ended = [c for c in self._others if c.ended()]
+        others = [c for c in self._others if not c.ended()]
+        if len(ended) > 1:  # threads that are gone: one Counts for them all
+            ended = [Counts(None, *(sum(getattr(c, k) for c in ended) for k in ("forwards", "backwards", "ticks")))]
+        self._others = (*ended, *others, counts)  # one store: a reader sums the old tuple or the new
+        return counts
+
     def _add_model(self, module: torch.nn.Module) -> None:
         self._models.append(weakref.ref(module, self._changed))  # a model freed: its parameters are let go
         self._changed()

@@ -161,16 +161,86 @@ def test_num_items_as_tensors_and_floats():
     assert_same_params(model, reference)
 
 
-def test_a_window_without_items_steps_with_a_zero_gradient():
-    model = make_model()
+def adamw_accumulator(model, **kwargs):
+    """AdamW with weight decay (a step on a zero gradient still moves the weights), a scheduler and a warm-up."""
+    opt = make_optimizer("adamw", model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    acc = GradientAccumulator(
+        opt,
+        steps=2,
+        scheduler=sched,
+        lr_scaling="linear",
+        base_batch_size=2,
+        micro_batch_size=2,
+        warmup_steps=3,
+        **kwargs,
+    )
+    return acc, opt, sched
+
+
+def test_a_window_without_items_makes_no_step_and_changes_nothing():
+    model, reference = make_model(), make_model()
+    acc, opt, sched = adamw_accumulator(model)
     before = copy.deepcopy(model.state_dict())
-    opt = make_optimizer("sgd", model)
-    acc = GradientAccumulator(opt, steps=2)
-    (x, y), (x2, y2) = make_data([2, 2])
-    acc.backward(item_losses(model, x, y).mean(), num_items=0)
-    assert acc.backward(item_losses(model, x2, y2).mean(), num_items=0)
+    (x, y), (x2, y2), (x3, y3), (x4, y4) = make_data([2, 2, 2, 2])
+    assert not acc.backward(item_losses(model, x, y).mean(), num_items=0)
+    with pytest.warns(gradguard.errors.EmptyWindowWarning, match=r"micro-batches 1-2\) add up to 0") as warned:
+        assert not acc.backward(item_losses(model, x2, y2).mean(), num_items=0)
+    assert len(warned) == 1
+    assert warned[0].filename == __file__  # the user's acc.backward() line
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p, before[name], rtol=0, atol=0)
+        assert torch.equal(p, before[name])
+    assert opt.state_dict()["state"] == {}  # AdamW never stepped
+    assert sched.last_epoch == 0
+    assert all(p.grad is None for p in model.parameters())  # reset, as after a step
+    assert (acc.optimizer_steps, acc.skipped_windows, acc.accumulated, acc.micro_batches) == (0, 1, 0, 2)
+    # the next windows train exactly as if the empty one had never been: same warm-up, scheduler and AdamW steps
+    ref_acc, ref_opt, ref_sched = adamw_accumulator(reference)
+    for run, a in ((model, acc), (reference, ref_acc)):
+        for xb, yb in ((x3, y3), (x4, y4), (x, y), (x2, y2)):
+            a.backward(item_losses(run, xb, yb).mean(), num_items=len(xb))
+    assert (acc.optimizer_steps, ref_acc.optimizer_steps) == (2, 2)
+    assert sched.last_epoch == ref_sched.last_epoch == 2
+    assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+    for pa, pb in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_an_empty_window_warns_once_and_is_counted_each_time(recwarn):
+    model = make_model()
+    acc = GradientAccumulator(make_optimizer("adamw", model), steps=1)
+    (x, y), (x2, y2) = make_data([2, 2])
+    with pytest.warns(gradguard.errors.EmptyWindowWarning, match=r"\(micro-batch 1\)"):
+        assert not acc.backward(item_losses(model, x, y).mean(), num_items=0)
+    assert not acc.backward(item_losses(model, x2, y2).mean(), num_items=0.0)
+    assert not [w for w in recwarn if issubclass(w.category, gradguard.errors.EmptyWindowWarning)]
+    assert (acc.optimizer_steps, acc.skipped_windows) == (0, 2)
+    state = acc.state_dict()
+    assert state["skipped_windows"] == 2
+    resumed = GradientAccumulator(make_optimizer("adamw", model), steps=1)
+    resumed.load_state_dict(state)
+    assert resumed.skipped_windows == 2
+
+
+def test_a_partial_window_without_items_flushes_with_no_step():
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+    acc, _, sched = adamw_accumulator(model, scaler=scaler)
+    before = copy.deepcopy(model.state_dict())
+    (x, y), (x2, y2), (x3, y3) = make_data([2, 2, 2])
+    acc.backward(item_losses(model, x, y).mean(), num_items=1)
+    acc.backward(item_losses(model, x2, y2).mean(), num_items=3)  # one real step: the scaler grows
+    assert scaler.get_scale() == 2.0**9
+    after_step = copy.deepcopy(model.state_dict())
+    acc.backward(item_losses(model, x3, y3).mean(), num_items=0)
+    with pytest.warns(gradguard.errors.EmptyWindowWarning, match=r"\(micro-batch 3\)"):
+        assert not acc.flush()
+    assert scaler.get_scale() == 2.0**9  # no scaler.update() for the empty window
+    assert (acc.optimizer_steps, acc.skipped_windows, sched.last_epoch) == (1, 1, 1)
+    assert any(not torch.equal(after_step[n], before[n]) for n in before)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, after_step[name])
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("weighted", [False, True])

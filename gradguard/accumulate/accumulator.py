@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import math
 import numbers
+import warnings
 import weakref
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gradguard.accumulate.distributed import all_reduce_grads, find_ddp, sum_across
 from gradguard.accumulate.window import LrRamp, Weight, Window, rescale_grads_
-from gradguard.errors import ConfigurationError
+from gradguard.errors import ConfigurationError, EmptyWindowWarning
 from gradguard.events import AccumulatorWindow
 from gradguard.findings import Finding
 from gradguard.introspect import device
@@ -50,6 +51,17 @@ class GradientAccumulator:
     ``optimizer.zero_grad(set_to_none=True)``, ``scheduler.step()``. The scheduler and the
     warm-up count optimizer steps, never micro-batches. With ``steps=1`` it is exactly a
     plain loop.
+
+    **A window with no items.** A window whose ``num_items`` add up to 0 has no gradient,
+    and a step on it would still move the weights (AdamW's weight decay, momentum). It makes
+    no optimizer step: no scheduler step, warm-up step or scaler update either; its
+    gradients are reset as after a step, :attr:`skipped_windows` counts it, and the first
+    one warns (:class:`~gradguard.errors.EmptyWindowWarning`, once per accumulator: it is
+    no mistake in itself). The sum is known only where it needs no wait for a device:
+    counts given as numbers or CPU tensors, in one process, or summed across processes by
+    ``sync_num_items`` on a CPU backend (every process then skips the same windows). A count
+    on a GPU, or a process's own count under DDP without ``sync_num_items`` (the others may
+    have items), steps as any window does, on a zero gradient.
 
     **Learning rate.** With ``lr_scaling``, every param group's learning rate is multiplied
     at construction by ``effective / base_batch_size`` (``"linear"``, Goyal et al. 2017) or
@@ -223,6 +235,8 @@ class GradientAccumulator:
             )
 
         self._window = Window(steps)
+        self._den: Weight | None = None  # what the closing window's gradient is divided by, once known
+        self._warned_empty = False
         self._nonfinite = _NonFinite()
         self.lr_factor = 1.0
         effective = self.effective_batch_size
@@ -255,6 +269,11 @@ class GradientAccumulator:
     def optimizer_steps(self) -> int:
         """Optimizer steps made so far."""
         return self._window.optimizer_steps
+
+    @property
+    def skipped_windows(self) -> int:
+        """Windows closed with no optimizer step so far, their ``num_items`` adding up to 0."""
+        return self._window.skipped
 
     @property
     def findings(self) -> list[Finding]:
@@ -294,6 +313,7 @@ class GradientAccumulator:
                 f"{'with' if window.total is not None else 'without'} it"
             )
         closing = window.closing
+        self._den = None
         weight, rescale = window.weights(items, self._denominator)
         if rescale is not None:
             rescale_grads_(self._grads(), rescale)
@@ -304,6 +324,9 @@ class GradientAccumulator:
         loss.backward()
         window.add(items)
         if closing:
+            if self._empty(self._den):
+                self._skip()
+                return False
             self._step()
             return True
         self._prepare_sync()
@@ -319,12 +342,17 @@ class GradientAccumulator:
         window = self._window
         stepped = False
         if window.count:
-            rescale_grads_(self._grads(), window.close_factor(self._denominator))
-            ddp = self._ddp()
-            if ddp is not None:
-                all_reduce_grads(ddp, self.world_size, self._group)
-            self._step()
-            stepped = True
+            self._den = None
+            factor = window.close_factor(self._denominator)
+            if self._empty(self._den):  # every process skips it alike: no all-reduce
+                self._skip()
+            else:
+                rescale_grads_(self._grads(), factor)
+                ddp = self._ddp()
+                if ddp is not None:
+                    all_reduce_grads(ddp, self.world_size, self._group)
+                self._step()
+                stepped = True
         self._raise_if_nonfinite(wait=True)
         return stepped
 
@@ -345,31 +373,56 @@ class GradientAccumulator:
             "total": float(total) if total is not None else None,
             "micro_batches": window.micro_batches,
             "optimizer_steps": window.optimizer_steps,
+            "skipped_windows": window.skipped,
             "lr_factor": self.lr_factor,
             "grads": grads,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`, open window included. The argument is not modified."""
+        """Restore :meth:`state_dict`, open window included. The argument is not modified.
+
+        Raises:
+            ConfigurationError: ``state`` is no state of this version, or a part of it is
+                malformed (the message names it, ``state['grads'][3]`` say, and what it holds);
+                nothing is restored then.
+        """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ConfigurationError(
                 f"Expected a GradientAccumulator state dict of version {_STATE_VERSION} but got {state!r:.80}"
             )
-        count = _int_at_least("count", state.get("count"), 0)
+        count = _int_at_least("state['count']", state.get("count"), 0)
         if count >= self.steps:
             raise ConfigurationError(
                 f"Expected the saved window to hold fewer than steps={self.steps} micro-batches but it holds {count}"
             )
+        counters = {
+            key: _int_at_least(f"state[{key!r}]", state.get(key, 0), 0)
+            for key in ("micro_batches", "optimizer_steps", "skipped_windows")
+        }
+        saved_steps = _int_at_least("state['steps']", state.get("steps", self.steps), 1)
         total = state.get("total")
+        if total is not None and (
+            isinstance(total, bool) or not isinstance(total, numbers.Real) or not math.isfinite(total) or total < 0
+        ):
+            raise ConfigurationError(
+                f"Expected state['total'] to be a non-negative number or None but got {total!r:.80}"
+            )
         grads = state.get("grads")
         params = self._params()
         if count:
             if not isinstance(grads, (list, tuple)) or len(grads) != len(params):
+                got: Any = "none" if grads is None else type(grads).__name__
+                if isinstance(grads, (list, tuple)):
+                    got = len(grads)
                 raise ConfigurationError(
                     f"Expected the saved gradients of the open window for {len(params)} parameters "
-                    f"but got {'none' if grads is None else len(grads)}"
+                    f"in state['grads'] but got {got}"
                 )
-            for p, g in zip(params, grads, strict=True):
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                if g is not None and not isinstance(g, torch.Tensor):
+                    raise ConfigurationError(
+                        f"Expected state['grads'][{i}] to be a torch.Tensor or None but got {type(g).__name__}"
+                    )
                 if g is not None and tuple(g.shape) != tuple(p.shape):
                     raise ConfigurationError(
                         f"Expected a saved gradient of shape {tuple(p.shape)} but got {tuple(g.shape)}"
@@ -378,14 +431,14 @@ class GradientAccumulator:
             steps=self.steps,
             count=count,
             total=None if total is None else float(total),
-            micro_batches=_int_at_least("micro_batches", state.get("micro_batches", 0), 0),
-            optimizer_steps=_int_at_least("optimizer_steps", state.get("optimizer_steps", 0), 0),
+            micro_batches=counters["micro_batches"],
+            optimizer_steps=counters["optimizer_steps"],
+            skipped=counters["skipped_windows"],
         )
         if count and grads is not None:
             with torch.no_grad():
                 for p, g in zip(params, grads, strict=True):
                     p.grad = None if g is None else g.detach().to(device=p.device, dtype=p.dtype, copy=True)
-            saved_steps = state.get("steps", self.steps)
             if total is None and saved_steps != self.steps:  # its micro-batches weighed 1 / saved_steps
                 rescale_grads_(self._grads(), saved_steps / self.steps)
         self._prepare_sync()
@@ -408,9 +461,36 @@ class GradientAccumulator:
         return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
 
     def _denominator(self, total: Weight) -> Weight:
-        if self.sync_num_items:
-            return sum_across(total, self._group) / self.world_size
-        return total
+        den = sum_across(total, self._group) / self.world_size if self.sync_num_items else total
+        self._den = den
+        return den
+
+    def _empty(self, den: Weight | None) -> bool:
+        """Whether the closing window's items add up to 0 in every process, known with no wait for a device."""
+        if den is None or isinstance(den, torch.Tensor) or den != 0:
+            return False  # unweighted, a count on a device (never read back), or items to learn from
+        return self.sync_num_items or self.world_size == 1  # else other processes may hold items: step with them
+
+    def _skip(self) -> None:
+        """Close a window whose items add up to 0: gradients reset as after a step, and no step."""
+        window = self._window
+        first = window.micro_batches - window.count + 1
+        count = window.count
+        self.optimizer.zero_grad(set_to_none=True)
+        window.skip()
+        self._nonfinite.seal(window.optimizer_steps)
+        self._prepare_sync()
+        self._announce(count)
+        if not self._warned_empty:
+            self._warned_empty = True
+            span = f"micro-batch {first}" if count == 1 else f"micro-batches {first}-{first + count - 1}"
+            warnings.warn(
+                f"gradguard: the num_items of an accumulation window ({span}) add up to 0, so it made no "
+                "optimizer step (nor scheduler, warm-up or scaler step) and its gradients were reset; "
+                "GradientAccumulator.skipped_windows counts such windows (this warning is issued once)",
+                EmptyWindowWarning,
+                stacklevel=3,
+            )
 
     def _prepare_sync(self) -> None:
         # DDP reads the flag in the forward that precedes the next backward().

@@ -38,7 +38,8 @@ class Window:
       mean over all the window's items, without knowing ``N`` in advance, and normalised
       before any gradient leaves the process (so DDP averages normalised gradients).
 
-    ``total`` is ``Σ n_i`` of the open window, or ``None`` while it is unweighted.
+    ``total`` is ``Σ n_i`` of the open window, or ``None`` while it is unweighted;
+    ``skipped`` counts the windows dropped with no optimizer step, their items adding up to 0.
     """
 
     steps: int
@@ -46,6 +47,7 @@ class Window:
     total: Weight | None = None
     micro_batches: int = 0
     optimizer_steps: int = 0
+    skipped: int = 0
 
     @property
     def closing(self) -> bool:
@@ -88,6 +90,12 @@ class Window:
         self.count = 0
         self.total = None
         self.optimizer_steps += 1
+
+    def skip(self) -> None:
+        """The window was dropped with no optimizer step (its items add up to 0)."""
+        self.count = 0
+        self.total = None
+        self.skipped += 1
 
 
 def ratio(numerator: Weight, denominator: Weight) -> Weight:

@@ -129,18 +129,22 @@ class PatchSource(Source):
 
     def __init__(self, hub: Hub) -> None:
         super().__init__(hub)
-        self._subscribed = False
+        self._subscribed: list[Patch] = []  # in order; a start that failed half-way is undone by stop()
 
     def start(self) -> None:
         for patch in self.patches:
             patch.subscribe(self.notify)
-        self._subscribed = True
+            self._subscribed.append(patch)
 
     def stop(self) -> None:
-        if self._subscribed:
-            for patch in self.patches:
-                patch.unsubscribe(self.notify)
-            self._subscribed = False
+        failed: BaseException | None = None
+        while self._subscribed:
+            try:
+                self._subscribed.pop().unsubscribe(self.notify)
+            except Exception as exc:  # the other patches are put back all the same
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def notify(self, *args: Any) -> None:
         """What the patched functions report; turned into events."""

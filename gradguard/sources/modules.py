@@ -18,7 +18,13 @@ forward hook is used: it would send every submodule call down torch's slow path 
   compiled call, put in place when ``compile()`` returns.
 - **Copies**: while a guard is attached, ``torch.nn.Module.__getstate__`` leaves
   gradguard's hooks out of the state, so ``torch.save(model)``, ``pickle`` and
-  ``copy.deepcopy`` (EMA, ``AveragedModel``) carry none of them.
+  ``copy.deepcopy`` (EMA, ``AveragedModel``) carry none of them. The replicas that
+  ``DataParallel`` calls in threads of its own share the module's hooks: a call of a
+  module that carries gradguard's hooks without being hooked by it is part of another
+  call, never a model of its own.
+- **Threads**: the nesting depth is each thread's own, and the sets of roots and
+  candidates change under a lock (a thread may find a model while another calls one); a
+  call of a known root takes no lock.
 """
 
 from __future__ import annotations
@@ -130,6 +136,7 @@ class ModuleSource(Source):
         self.discover = discover
         self.active = False
         self._local = threading.local()
+        self._lock = threading.RLock()  # roots, candidates and hooks change under it (never held while calling the hub)
         self._hooks = Hooks(on_remove=lambda handle: _HOOK_IDS.discard(handle.id))
         self._roots: set[int] = set()  # hooked modules whose calls are iterations of a watched model
         self._candidates: set[int] = set()  # hooked, not yet called (discovery)
@@ -156,22 +163,24 @@ class ModuleSource(Source):
         for handle in self._global:
             handle.remove()
         self._global.clear()
-        self._hooks.remove_all()
-        for ref, entry in self._entries:
-            module = ref()
-            if module is not None and module.__dict__.get("_compiled_call_impl") is entry:
-                module._compiled_call_impl = entry.compiled
-        self._entries.clear()
-        self._roots.clear()
-        self._candidates.clear()
-        self._children = weakref.WeakSet()
+        with self._lock:
+            self._hooks.remove_all()
+            for ref, entry in self._entries:
+                module = ref()
+                if module is not None and module.__dict__.get("_compiled_call_impl") is entry:
+                    module._compiled_call_impl = entry.compiled
+            self._entries.clear()
+            self._roots.clear()
+            self._candidates.clear()
+            self._children = weakref.WeakSet()
         _GETSTATE.unsubscribe(self._noop)
         _COMPILE.unsubscribe(self._compiled)
 
     def _compiled(self, module: torch.nn.Module) -> None:
         """``module.compile()`` ran: a hooked module's events now come from around its compiled call."""
-        if module in self._hooks:
-            self._wrap_compiled_call(module)
+        with self._lock:
+            if module in self._hooks:
+                self._wrap_compiled_call(module)
 
     def _noop(self, *args: Any) -> None:
         """The getstate patch's listener: its subscription only counts the users of the patch."""
@@ -180,12 +189,13 @@ class ModuleSource(Source):
     def watch(self, target: torch.nn.Module) -> None:
         """Hook a root, and the modules it wraps, so that calling it makes events."""
         module: torch.nn.Module | None = target
-        while module is not None:
-            self._hook(module)
-            self._roots.add(id(module))
-            self._candidates.discard(id(module))
-            self._wrap_compiled_call(module)
-            module = inner(module)
+        with self._lock:
+            while module is not None:
+                self._hook(module)
+                self._roots.add(id(module))
+                self._candidates.discard(id(module))
+                self._wrap_compiled_call(module)
+                module = inner(module)
 
     def adopt(self, optimizer: torch.optim.Optimizer) -> None:
         """Watch the roots whose parameters ``optimizer`` trains, called or not.
@@ -196,17 +206,22 @@ class ModuleSource(Source):
         if not self._candidates:
             return
         trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for module in self._hooks.objects():
-            if id(module) in self._candidates and any(id(p) in trained for p in _first_params(module)):
-                self._candidates.discard(id(module))
-                self._roots.add(id(module))
-                self.hub.add_model(module)
+        found = []
+        with self._lock:
+            for module in self._hooks.objects():
+                if id(module) in self._candidates and any(id(p) in trained for p in _first_params(module)):
+                    self._candidates.discard(id(module))
+                    self._roots.add(id(module))
+                    found.append(module)
+        for module in found:
+            self.hub.add_model(module)
 
     def refresh(self) -> None:
         """Now and then: wrap roots compiled in place since, and find compiled wrappers once."""
-        for module in self._hooks.objects():
-            if id(module) in self._roots:
-                self._wrap_compiled_call(module)
+        with self._lock:
+            for module in self._hooks.objects():
+                if id(module) in self._roots:
+                    self._wrap_compiled_call(module)
         iterations = self.hub.run.iteration
         if iterations == self._iterations_seen and not self._scanned_compiled:
             # steps with no forward: a watched model compiled by a wrapper made before the guard
@@ -216,13 +231,14 @@ class ModuleSource(Source):
         self._iterations_seen = iterations
 
     def _hook(self, module: torch.nn.Module) -> None:
-        if module in self._hooks:
-            return
-        pre = module.register_forward_pre_hook(self._pre, with_kwargs=True)
-        post = module.register_forward_hook(self._post, with_kwargs=True, always_call=True)
-        _HOOK_IDS.update((pre.id, post.id))
-        self._hooks.add(module, [pre, post])
-        self._wrap_compiled_call(module)
+        with self._lock:  # two threads never hook one module twice
+            if module in self._hooks:
+                return
+            pre = module.register_forward_pre_hook(self._pre, with_kwargs=True)
+            post = module.register_forward_hook(self._post, with_kwargs=True, always_call=True)
+            _HOOK_IDS.update((pre.id, post.id))
+            self._hooks.add(module, [pre, post])
+            self._wrap_compiled_call(module)
 
     def _wrap_compiled_call(self, module: torch.nn.Module) -> None:
         compiled = module.__dict__.get("_compiled_call_impl")
@@ -241,10 +257,8 @@ class ModuleSource(Source):
         local.depth = depth + 1
         if depth or not self.active:
             return
-        if id(module) not in self._roots:
-            self._candidates.discard(id(module))
-            self._roots.add(id(module))
-            self.hub.add_model(module)  # a root found by discovery, at its first call
+        if id(module) not in self._roots and not self._found(module):
+            return
         self.hub.forward_pre(module, args, kwargs)
         return
 
@@ -258,6 +272,23 @@ class ModuleSource(Source):
             return
         self.hub.forward_post(module, args, kwargs, output)
         return
+
+    def _found(self, module: torch.nn.Module) -> bool:
+        """A module called at the top of its thread's stack for the first time: a root found by discovery.
+
+        ``False`` for a module that is not hooked itself yet carries gradguard's hooks, those
+        of the module it is a shallow copy of: the replicas ``DataParallel`` calls, each in a
+        thread of its own, inside that module's call.
+        """
+        with self._lock:
+            if id(module) in self._roots:
+                return True  # found by another thread meanwhile
+            if module not in self._hooks:
+                return False
+            self._candidates.discard(id(module))
+            self._roots.add(id(module))
+        self.hub.add_model(module)
+        return True
 
     # ------------------------------------------------------------------ registration
     def _on_param(self, module: torch.nn.Module, name: str, param: Any) -> None:
@@ -279,24 +310,26 @@ class ModuleSource(Source):
             if not isinstance(child, torch.nn.Module):
                 return
             self.hub.module_changed(parent)
-            if id(child) in self._roots and name == wrapped_name(parent):
-                self._hook(parent)  # torch.compile(model) or DDP(model) of a watched model: called instead
-                self._roots.add(id(parent))
-            if self.discover:
-                self._children.add(child)
-                if id(child) in self._candidates:
-                    self._candidates.discard(id(child))
-                    self._hooks.remove(child)
-                if _has_params(child):
-                    self._maybe_candidate(parent)
+            with self._lock:
+                if id(child) in self._roots and name == wrapped_name(parent):
+                    self._hook(parent)  # torch.compile(model) or DDP(model) of a watched model: called instead
+                    self._roots.add(id(parent))
+                if self.discover:
+                    self._children.add(child)
+                    if id(child) in self._candidates:
+                        self._candidates.discard(id(child))
+                        self._hooks.remove(child)
+                    if _has_params(child):
+                        self._maybe_candidate(parent)
         except Exception as exc:
             self.hub.source_failed(self, exc)
 
     def _maybe_candidate(self, module: torch.nn.Module) -> None:
-        if module in self._hooks or module in self._children:
-            return
-        self._hook(module)
-        self._candidates.add(id(module))
+        with self._lock:
+            if module in self._hooks or module in self._children:
+                return
+            self._hook(module)
+            self._candidates.add(id(module))
 
     def _scan_existing(self) -> None:
         """Modules made before ``install()``: those with parameters and no parent."""

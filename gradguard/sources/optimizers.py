@@ -4,8 +4,12 @@ A guard given its optimizers hooks each of them; ``gradguard run`` uses the glob
 optimizer hooks and adopts every optimizer at its first step. Either way, at the first two
 steps the user's frames are searched for optimizers the loop holds but has not stepped yet
 (a GAN's second optimizer, a wrapper's inner optimizer), so that the step counter knows
-every optimizer of the loop before it steps. An optimizer's hooks are not part of its
-``state_dict`` or pickled state, so nothing of gradguard travels with it.
+every optimizer of the loop before it steps. A wrapper (Accelerate's ``AcceleratedOptimizer``,
+Lightning's ``LightningOptimizer``) is watched as the optimizer it wraps
+(:func:`~gradguard.run.find_optimizer`): its steps are the ones that reach that optimizer,
+so a step Accelerate skips inside a gradient accumulation window is no step. An
+optimizer's hooks are not part of its ``state_dict`` or pickled state, so nothing of
+gradguard travels with it.
 """
 
 from __future__ import annotations
@@ -18,22 +22,15 @@ from torch.utils.hooks import RemovableHandle
 
 from gradguard.events import StepPost, StepPre
 from gradguard.introspect.frames import frame_variables, user_frames
+from gradguard.run import find_optimizer
 from gradguard.sources.base import Hooks, Hub, Source
 
 _DISCOVER_STEPS = 2
 _is_compiling = torch.compiler.is_compiling
 
 
-def inner_optimizer(obj: Any) -> torch.optim.Optimizer | None:
-    """The optimizer an object is, or wraps (Lightning's ``LightningOptimizer``, Accelerate's)."""
-    if isinstance(obj, torch.optim.Optimizer):
-        inner = getattr(obj, "optimizer", None)  # a wrapper that subclasses Optimizer
-        return inner if isinstance(inner, torch.optim.Optimizer) and inner is not obj else obj
-    for attr in ("_optimizer", "optimizer"):
-        inner = getattr(obj, attr, None) if not isinstance(obj, type) else None
-        if isinstance(inner, torch.optim.Optimizer):
-            return inner
-    return None
+#: The optimizer an object is, or wraps: :func:`gradguard.run.find_optimizer`, under the name sources import.
+inner_optimizer = find_optimizer
 
 
 class OptimizerSource(Source):
@@ -51,10 +48,8 @@ class OptimizerSource(Source):
 
     def start(self) -> None:
         if self.global_hooks:
-            self._global = [
-                optimizer_mod.register_optimizer_step_pre_hook(self._pre),
-                optimizer_mod.register_optimizer_step_post_hook(self._post),
-            ]
+            self._global.append(optimizer_mod.register_optimizer_step_pre_hook(self._pre))
+            self._global.append(optimizer_mod.register_optimizer_step_post_hook(self._post))
 
     def stop(self) -> None:
         for handle in self._global:
@@ -68,14 +63,20 @@ class OptimizerSource(Source):
             return
         if optimizer in self._hooks:
             return
-        self._hooks.add(
-            optimizer, [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
-        )
+        pre = optimizer.register_step_pre_hook(self._pre)
+        try:
+            post = optimizer.register_step_post_hook(self._post)
+        except BaseException:
+            pre.remove()
+            raise
+        self._hooks.add(optimizer, [pre, post])
 
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if _is_compiling():
             return
         if self.global_hooks:
+            if find_optimizer(optimizer) is not optimizer:
+                return  # a wrapper whose step() hooks fire too: the optimizer it wraps reports its own step
             self.hub.add_optimizer(optimizer)
         if self._steps < _DISCOVER_STEPS:
             self._discover()
@@ -83,6 +84,8 @@ class OptimizerSource(Source):
 
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if _is_compiling():
+            return
+        if self.global_hooks and find_optimizer(optimizer) is not optimizer:
             return
         self._steps += 1
         self.hub.step_post(optimizer)
@@ -96,7 +99,7 @@ class OptimizerSource(Source):
                     if name == "self" and not isinstance(value, torch.nn.Module):
                         candidates = list(getattr(value, "__dict__", {}).values())
                     for obj in candidates:
-                        opt = inner_optimizer(obj)
+                        opt = find_optimizer(obj)
                         if opt is not None:
                             self.hub.add_optimizer(opt)
         except Exception as exc:
