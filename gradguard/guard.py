@@ -118,7 +118,7 @@ class Guard:
                 raise ConfigurationError("Expected select and ignore inside the Policy given, not beside it")
             self.policy = policy
         else:
-            self.policy = Policy(policy, select=_tuple(select), ignore=_tuple(ignore))
+            self.policy = Policy.of(policy, select, ignore)
         models = _as_list(model, torch.nn.Module, "model")
         optimizers = _optimizer_list(optimizer)
         self.json_path = os.fspath(json_path) if json_path is not None else None
@@ -836,14 +836,6 @@ def _state_detectors(state: dict[str, Any], detectors: list[Detector]) -> dict[s
                 f"Expected the keys of {at} among {list(det.state_fields)} but got {', '.join(unknown)}"
             )
     return saved
-
-
-def _tuple(value: Iterable[str] | str | None) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    return tuple(value)
 
 
 def _optimizer_list(value: Any) -> list[torch.optim.Optimizer]:

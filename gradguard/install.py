@@ -62,7 +62,7 @@ def install(
 
     global _installed
     if _installed is not None:
-        asked = policy if isinstance(policy, Policy) else Policy(policy, select=_tuple(select), ignore=_tuple(ignore))
+        asked = policy if isinstance(policy, Policy) else Policy.of(policy, select, ignore)
         _join(_installed, detectors, asked, Budget.of(budget))
         _joins.append(os.fspath(json_path) if json_path is not None else None)
         return _installed
@@ -126,11 +126,3 @@ def _join(guard: Guard, detectors: Sequence[DetectorSpec] | None, policy: Policy
             f"install({', '.join(asked)}) joined the guard already installed, which keeps its own options "
             f"(policy={Action(kept.action).value!r}, select={list(kept.select)!r}, ignore={list(kept.ignore)!r})"
         )
-
-
-def _tuple(value: Iterable[str] | str | None) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    return tuple(value)

@@ -56,6 +56,17 @@ class Policy:
         object.__setattr__(self, "select", _normalise("select", self.select))
         object.__setattr__(self, "ignore", _normalise("ignore", self.ignore))
 
+    @classmethod
+    def of(
+        cls, action: Action | str, select: Iterable[str] | str | None = None, ignore: Iterable[str] | str | None = None
+    ) -> Policy:
+        """A policy from what the public API takes: a code or name, several, or ``None``.
+
+        >>> Policy.of("collect", select="GG1").select
+        ('GG1',)
+        """
+        return cls(action, select=_normalise("select", select), ignore=_normalise("ignore", ignore))
+
     def enabled(self, code: str) -> bool:
         if self.select and not code.startswith(self.select):
             return False
