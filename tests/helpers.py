@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import textwrap
 
 
 def line_of(marker: str, path: str | None = None) -> int:
@@ -57,3 +58,19 @@ def tiny_trainer(callbacks, **kwargs):
     }
     options.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **options)
+
+
+#: A script that never resets its gradients: GG101 at its `opt.step()` line (the last).
+BUGGY_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    for _ in range(4):
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    """
+)

@@ -1,25 +1,13 @@
 import json
 import sys
-import textwrap
 
 import pytest
 
 import gradguard
 from gradguard.cli import EXIT_STRICT
+from tests.helpers import BUGGY_SCRIPT
 
-BUGGY = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-    model = nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(8, 4), torch.randn(8, 1)
-    for _ in range(4):
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    """
-)
+BUGGY = BUGGY_SCRIPT
 
 
 def _report(tmp_path, name="out.json"):

@@ -5,27 +5,15 @@ import os
 import stat
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from gradguard import cli
 from gradguard.cli import EXIT_STRICT, EXIT_USAGE
 from gradguard.report import write_text_atomic
+from tests.helpers import BUGGY_SCRIPT
 
-BUGGY = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-    model = nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(8, 4), torch.randn(8, 1)
-    for _ in range(4):
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    """
-)
+BUGGY = BUGGY_SCRIPT
 
 
 @pytest.fixture
