@@ -1,7 +1,7 @@
-"""The command line: ``gradguard run``, ``report``, ``explain`` and ``rules``.
+"""The command line: ``gradguard run``, ``lint``, ``report``, ``explain`` and ``rules``.
 
-Only ``run`` imports torch (when the guard starts): ``--help``, ``--version``, ``rules``,
-``explain`` and ``report`` answer at once.
+Only ``run`` imports torch (when the guard starts): ``--help``, ``--version``, ``lint``,
+``rules``, ``explain`` and ``report`` answer at once.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from gradguard.errors import ConfigurationError
 from gradguard.findings import Finding, Severity
 from gradguard.outputs import Outputs, check_outputs
 
+EXIT_FOUND = 1
 EXIT_USAGE = 2
 EXIT_STRICT = 3
 
@@ -60,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         help="parameter tensors per param group that per-parameter checks look at per step after the "
         "first 32 steps (default 4); 'all' looks at every tensor at every step",
     )
+    run.add_argument(
+        "--lint",
+        action="store_true",
+        default=None,
+        help="also lint the program's files, and mark the mistakes both the source and the run show",
+    )
     run.add_argument("-m", dest="module", metavar="MODULE", help="run a module, as `python -m MODULE` would")
     run.add_argument("script", nargs="?", metavar="SCRIPT", help="the Python script to run")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the program's own arguments")
@@ -70,7 +77,30 @@ def _parser() -> argparse.ArgumentParser:
         description="Print the findings of a JSON report written by `gradguard run` or Guard.write_json().",
     )
     rep.add_argument("report", metavar="JSON", help="the JSON report")
+    rep.add_argument(
+        "--lint", action="store_true", default=None, help="lint the files the report names, beside its findings"
+    )
     _outputs(rep, json=False)
+
+    lint = sub.add_parser(
+        "lint",
+        help="find the same mistakes in the source, before the run, with safe fixes",
+        description="Check Python files and notebooks for the mistakes whose source shows them, under the "
+        "codes of the runtime detectors. Exit 1 when a finding remains, 2 on bad input.",
+    )
+    lint.add_argument("paths", nargs="*", metavar="PATH", help="files and folders to lint (default: .)")
+    lint.add_argument("--fix", action="store_true", help="apply the fixes that are always safe, in place")
+    lint.add_argument("--diff", action="store_true", help="print the safe fixes as a diff; change nothing")
+    lint.add_argument("--select", action="append", metavar="CODES", help="code prefixes or names to keep")
+    lint.add_argument("--ignore", action="append", metavar="CODES", help="code prefixes or names to drop")
+    lint.add_argument("--exclude", action="append", metavar="PATTERN", help="paths to leave out (fnmatch)")
+    lint.add_argument("--exit-zero", action="store_true", help="exit 0 even when findings remain")
+    lint.add_argument("--json", metavar="PATH", help="also write the findings as a JSON report")
+    lint.add_argument("--sarif", metavar="PATH", help="also write a SARIF 2.1.0 report (for code scanning)")
+    lint.add_argument(
+        "--format", choices=FORMATS, help="what to print: text (default), json, sarif or github annotations"
+    )
+    lint.add_argument("--config", metavar="PYPROJECT", help="read [tool.gradguard] from this file")
 
     exp = sub.add_parser(
         "explain", help="print a rule's page", description="Print what a rule detects and how to fix it."
@@ -112,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(rules_table())
             return 0
         config = load_config(ns.config)
+        if ns.command == "lint":
+            return _lint(ns, config, argv)
         if ns.command == "report":
             return _report(ns, config)
         return _run(ns, config, argv)
@@ -224,6 +256,11 @@ def _run(ns: argparse.Namespace, config: Config, argv: list[str]) -> int:
     guard.autosave = None
     uninstall(force=True)
     report = session.finish()  # rank 0's holds every rank's findings; each process's, its children's
+    if (ns.lint if ns.lint is not None else config.lint) and not session.quiet:
+        from gradguard.agreement import lint_beside
+        from gradguard.introspect.frames import program_files
+
+        report = lint_beside(report, program_files(), ignore=options.ignore, select=options.select)
     if session.quiet:  # a rank other than 0: its own file; rank 0 prints its findings
         own = dataclasses.replace(outputs, json=session.path(), html=None, sarif=None)
         written = own.write(report, text_to_stderr=True, quiet=True)
@@ -248,9 +285,59 @@ def _report(ns: argparse.Namespace, config: Config) -> int:
     report, merged = merge_siblings(report, ns.report)
     if merged:  # the files of the run's other ranks and children, written beside it
         print(f"gradguard: merged {', '.join(merged)} with {ns.report}", file=sys.stderr)
+    if ns.lint if ns.lint is not None else config.lint:
+        from gradguard.agreement import lint_beside
+
+        report = lint_beside(report, (), select=config.select, ignore=config.ignore)
     if not outputs.write(report, text_to_stderr=False):
         return 1
     return EXIT_STRICT if outputs.strict and _loud(report) else 0
+
+
+def _lint(ns: argparse.Namespace, config: Config, argv: list[str]) -> int:
+    from gradguard.lint import lint_paths
+    from gradguard.lint.fixes import unified_diff, write_text
+    from gradguard.report import command_record
+
+    if ns.fix and ns.diff:
+        raise ConfigurationError("--fix and --diff conflict: --diff shows the fixes, --fix applies them")
+    outputs = Outputs(json=ns.json, sarif=ns.sarif, format=ns.format or config.format)
+    check_outputs(outputs, program=None)
+    result = lint_paths(
+        ns.paths or ["."],
+        select=ns.select if ns.select is not None else config.select,
+        ignore=ns.ignore if ns.ignore is not None else config.ignore,
+        exclude=[*config.exclude, *(ns.exclude or ())],
+        fix=ns.fix or ns.diff,
+    )
+    for error in result.errors:
+        print(f"gradguard lint: {error}", file=sys.stderr)
+    changed = [r for r in result.files if r.fixed is not None]
+    if ns.diff:
+        for file in changed:
+            content = file.new_content()
+            if content is not None:
+                sys.stdout.write(unified_diff(file.path, file.original, content))
+        fixes, noun = sum(r.fixes_applied for r in changed), "file" if len(changed) == 1 else "files"
+        print(f"gradguard lint: {fixes} fixes in {len(changed)} {noun}", file=sys.stderr)
+        return EXIT_FOUND if changed and not ns.exit_zero else 0
+    failed = False
+    for file in changed:
+        content = file.new_content()
+        try:
+            if content is not None:
+                write_text(file.path, content)
+        except OSError as exc:
+            print(f"gradguard lint: could not write {file.path}: {exc.strerror or exc}", file=sys.stderr)
+            file.fixes_applied, failed = 0, True
+    command = command_record(["gradguard", *argv], module="")
+    command["module"] = None
+    report = result.report(command)
+    if not outputs.write(report, text_to_stderr=False):
+        failed = True
+    if ns.exit_zero:
+        return 0
+    return EXIT_FOUND if result.findings or result.errors or failed else 0
 
 
 def _loud(report: dict[str, Any]) -> bool:

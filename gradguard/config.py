@@ -14,6 +14,8 @@ are relative to the folder of that ``pyproject.toml``. Example::
     html = "reports/gradguard.html"
     sarif = "reports/gradguard.sarif"
     budget = 4                 # or "all"
+    lint = true                # `gradguard run` also lints the program's files (as --lint)
+    exclude = ["tests/data/*"] # files and folders `gradguard lint` leaves out (fnmatch patterns)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from gradguard.sampling import PER_GROUP
 
 FORMATS = ("text", "json", "sarif", "github")
 DEFAULT_JSON = "gradguard-report.json"
-_KEYS = ("select", "ignore", "strict", "policy", "format", "json", "html", "sarif", "budget")
+_KEYS = ("select", "ignore", "strict", "policy", "format", "json", "html", "sarif", "budget", "lint", "exclude")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,9 @@ class Config:
     html: str | None = None
     sarif: str | None = None
     budget: int | None = PER_GROUP
+    lint: bool = False
+    #: Patterns of the paths ``gradguard lint`` leaves out, as written in the table.
+    exclude: tuple[str, ...] = ()
     #: The ``pyproject.toml`` these settings came from, if any.
     source: str | None = None
 
@@ -109,10 +114,16 @@ def parse_table(table: Mapping[str, Any], source: str) -> Config:
     for key in ("select", "ignore"):
         if key in table:
             values[key] = _codes(where, key, table[key])
-    if "strict" in table:
-        if not isinstance(table["strict"], bool):
-            raise ConfigurationError(f"{where}: expected strict to be true or false but got {table['strict']!r}")
-        values["strict"] = table["strict"]
+    for key in ("strict", "lint"):
+        if key in table:
+            if not isinstance(table[key], bool):
+                raise ConfigurationError(f"{where}: expected {key} to be true or false but got {table[key]!r}")
+            values[key] = table[key]
+    if "exclude" in table:
+        items = [table["exclude"]] if isinstance(table["exclude"], str) else table["exclude"]
+        if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+            raise ConfigurationError(f"{where}: expected exclude to be a list of path patterns but got {items!r}")
+        values["exclude"] = tuple(items)
     if "policy" in table:
         values["policy"] = _choice(where, "policy", table["policy"], ("warn", "raise", "collect"))
     if "format" in table:

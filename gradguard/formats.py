@@ -73,7 +73,13 @@ def to_text(report: Mapping[str, Any]) -> str:
     """The terminal summary of :func:`gradguard.report.format_summary`, with a final newline.
 
     In a run of several ranks (``summary.world_size``), each finding says which ranks saw it.
+    A lint report (``kind: "lint"``) lists each finding at its line and column; a run report
+    that was linted too (``static``) lists the static findings after the runtime ones.
     """
+    if isinstance(report, Mapping) and report.get("kind") == "lint":
+        from gradguard.lint.output import to_text as lint_text
+
+        return lint_text(report)
     findings = _findings(report)
     summary = _summary(report)
     return (
@@ -87,7 +93,36 @@ def to_text(report: Mapping[str, Any]) -> str:
             ranks_seen=_ranks(report),
         )
         + "\n"
+        + static_text(report)
     )
+
+
+def static_text(report: Mapping[str, Any]) -> str:
+    """The section of a run report that lists what ``gradguard lint`` found in the program's files.
+
+    >>> from gradguard.findings import Finding, Location, Severity
+    >>> f = Finding("GG201", "graph-retained", Severity.WARNING, "kept", location=Location("t.py", 4))
+    >>> print(static_text({"static": [{**f.to_dict(), "seen_by": ["static", "runtime"]}],
+    ...                    "summary": {"static_files": 2}}), end="")
+    <BLANKLINE>
+    gradguard lint: 1 finding in 2 files, 1 also seen while the program ran
+      t.py:4: GG201 graph-retained [warning]: kept [seen at run time too]
+    """
+    items = report.get("static") if isinstance(report, Mapping) else None
+    if not isinstance(items, list):
+        return ""
+    files = _number(_summary(report), "static_files", int)
+    both = [item for item in items if isinstance(item, Mapping) and "runtime" in (item.get("seen_by") or ())]
+    noun = "finding" if len(items) == 1 else "findings"
+    lines = [
+        "",
+        f"gradguard lint: {len(items)} {noun} in {files} {'file' if files == 1 else 'files'}, "
+        f"{len(both)} also seen while the program ran",
+    ]
+    for item, finding in zip(items, _findings({"findings": items}), strict=True):
+        seen = " [seen at run time too]" if "runtime" in (item.get("seen_by") or ()) else " [not seen at run time]"
+        lines.append(f"  {finding}{seen}")
+    return "\n".join(lines) + "\n"
 
 
 def to_json(report: Mapping[str, Any]) -> str:
@@ -122,7 +157,7 @@ def to_sarif(report: Mapping[str, Any], *, root: str | None = None) -> dict[str,
     >>> result["locations"][0]["physicalLocation"]["artifactLocation"]
     {'uri': 'train.py', 'uriBaseId': '%SRCROOT%'}
     """
-    findings = _findings(report)
+    findings, seen_by = _with_static(report)
     root_dir = os.path.abspath(root if root is not None else os.getcwd())
     command = _command(report)
     base = _base_dir(command)
@@ -131,7 +166,8 @@ def to_sarif(report: Mapping[str, Any], *, root: str | None = None) -> dict[str,
 
     results = []
     keys: list[str] = []
-    for finding, seen in zip(findings, _ranks(report), strict=True):
+    ranks_seen = _ranks(report) + [[]] * (len(findings) - len(_findings(report)))
+    for finding, seen, sides in zip(findings, ranks_seen, seen_by, strict=True):
         result: dict[str, Any] = {"ruleId": finding.code}
         if finding.code in index:
             result["ruleIndex"] = index[finding.code]
@@ -143,6 +179,8 @@ def to_sarif(report: Mapping[str, Any], *, root: str | None = None) -> dict[str,
             physical: dict[str, Any] = {"artifactLocation": artifact}
             if finding.location.line >= 1:
                 physical["region"] = {"startLine": finding.location.line}
+                if isinstance(finding.data.get("column"), int):
+                    physical["region"]["startColumn"] = finding.data["column"]
             result["locations"] = [{"physicalLocation": physical}]
         elif command.get("script") and _is_file(str(command["script"])):
             # Code scanning shows no result without a file: place it on the script that ran.
@@ -156,6 +194,8 @@ def to_sarif(report: Mapping[str, Any], *, root: str | None = None) -> dict[str,
             properties["function"] = finding.location.function
         if seen:
             properties["ranks"] = seen
+        if sides:
+            properties["seenBy"] = sides
         properties["data"] = _json_safe(dict(finding.data))
         result["properties"] = properties
         results.append(result)
@@ -210,7 +250,7 @@ def to_github(report: Mapping[str, Any], *, root: str | None = None) -> str:
     ::error title=GG301 memory-growth::model: grew 5%25%0Aper step
     gradguard: 1 finding in 4 steps: 1 error
     """
-    findings = _findings(report)
+    findings = _with_static(report)[0]
     root_dir = os.path.abspath(root if root is not None else os.environ.get("GITHUB_WORKSPACE") or os.getcwd())
     base = _base_dir(_command(report))
     lines = []
@@ -221,14 +261,20 @@ def to_github(report: Mapping[str, Any], *, root: str | None = None) -> str:
             properties.append(("file", path))
             if finding.location.line >= 1:
                 properties.append(("line", str(finding.location.line)))
+                if isinstance(finding.data.get("column"), int):
+                    properties.append(("col", str(finding.data["column"])))
         properties.append(("title", f"{finding.code} {finding.name}"))
         props = ",".join(f"{key}={_escape_property(value)}" for key, value in properties)
         lines.append(f"::{_GITHUB_COMMANDS[finding.severity]} {props}::{_escape_data(_message(finding))}")
-    steps = _number(_summary(report), "steps", int)
     counts = Counter(f.severity for f in findings)
     noun = "finding" if len(findings) == 1 else "findings"
     tally = ", ".join(_count(counts[s], s) for s in (Severity.ERROR, Severity.WARNING, Severity.INFO) if counts[s])
-    lines.append(f"gradguard: {len(findings)} {noun} in {steps} steps" + (f": {tally}" if tally else ""))
+    if report.get("kind") == "lint":
+        files = _number(_summary(report), "files", int)
+        scope = f"gradguard lint: {len(findings)} {noun} in {files} {'file' if files == 1 else 'files'}"
+    else:
+        scope = f"gradguard: {len(findings)} {noun} in {_number(_summary(report), 'steps', int)} steps"
+    lines.append(scope + (f": {tally}" if tally else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -360,6 +406,21 @@ def _findings(report: Mapping[str, Any]) -> list[Finding]:
                 f"but got {item!r} ({type(exc).__name__}: {exc})"
             ) from exc
     return findings
+
+
+def _with_static(report: Mapping[str, Any]) -> tuple[list[Finding], list[list[str]]]:
+    """The report's findings, then the static findings the run did not see, and which sides saw each."""
+    findings = _findings(report)
+    items = [i for i in report.get("findings") or [] if isinstance(i, Mapping)]
+    seen_by = [list(i.get("seen_by") or []) for i in items] + [[]] * (len(findings) - len(items))
+    static = [
+        item
+        for item in report.get("static") or []
+        if isinstance(item, Mapping) and "runtime" not in (item.get("seen_by") or ())
+    ]
+    findings += _findings({"findings": static})
+    seen_by += [list(item.get("seen_by") or ["static"]) for item in static]
+    return findings, seen_by
 
 
 def _ranks(report: Mapping[str, Any]) -> list[list[int]]:
