@@ -232,5 +232,10 @@ class Detector:
 
     @classmethod
     def rule_page(cls) -> str:
-        """The rule page, in Markdown: the class docstring, dedented (as :func:`gradguard.pages.markdown` reads it)."""
-        return inspect.cleandoc(cls.__doc__ or "")
+        """The rule page, in Markdown: the class docstring, dedented, and what ``gradguard lint`` checks of it.
+
+        :func:`gradguard.pages.markdown` reads the same page without importing the detector.
+        """
+        from gradguard.pages import static_form
+
+        return f"{inspect.cleandoc(cls.__doc__ or '')}\n\n**Static form.** {static_form(cls.code)}"

@@ -109,7 +109,26 @@ def markdown(code: str) -> str:
     page = _pages().get(code)
     if page is None:
         return f"{code} {RULES[code]}: reserved; this version of gradguard has no detector for it yet."
-    return page
+    if code == "GG000":
+        return page
+    return f"{page}\n\n**Static form.** {static_form(code)}"
+
+
+def static_form(code: str) -> str:
+    """What ``gradguard lint`` checks for a rule, or why it has no static form.
+
+    >>> static_form("GG301").startswith("None")
+    True
+    """
+    from gradguard.lint.rules import RULES as STATIC
+
+    for rule in STATIC:
+        if rule.code == code:
+            return " ".join(rule.static_form.split())
+    return (
+        "None: `gradguard lint` has no rule for it, because the source cannot tell it reliably; "
+        "only the run measures it."
+    )
 
 
 def summary(code: str) -> str:
