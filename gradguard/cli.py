@@ -296,8 +296,8 @@ def _report(ns: argparse.Namespace, config: Config) -> int:
 
 def _lint(ns: argparse.Namespace, config: Config, argv: list[str]) -> int:
     from gradguard.lint import lint_paths
-    from gradguard.lint.fixes import unified_diff, write_text
-    from gradguard.report import command_record
+    from gradguard.lint.fixes import unified_diff
+    from gradguard.report import command_record, write_text_atomic
 
     if ns.fix and ns.diff:
         raise ConfigurationError("--fix and --diff conflict: --diff shows the fixes, --fix applies them")
@@ -326,7 +326,7 @@ def _lint(ns: argparse.Namespace, config: Config, argv: list[str]) -> int:
         content = file.new_content()
         try:
             if content is not None:
-                write_text(file.path, content)
+                write_text_atomic(content, file.path, newline="")  # the file's own line endings
         except OSError as exc:
             print(f"gradguard lint: could not write {file.path}: {exc.strerror or exc}", file=sys.stderr)
             file.fixes_applied, failed = 0, True

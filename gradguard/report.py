@@ -183,11 +183,12 @@ def write_json_atomic(report: dict[str, Any], path: str | os.PathLike[str]) -> N
     write_text_atomic(json.dumps(report, indent=2, default=_json_default) + "\n", path)
 
 
-def write_text_atomic(text: str, path: str | os.PathLike[str]) -> None:
+def write_text_atomic(text: str, path: str | os.PathLike[str], *, newline: str | None = None) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it.
 
     The file gets the mode a plain ``open(path, "w")`` would give it: that of the file it
-    replaces, or ``0o666`` less the umask.
+    replaces, or ``0o666`` less the umask. ``newline`` is :func:`open`'s (``""``: the text's
+    own line endings, untranslated).
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -198,7 +199,7 @@ def write_text_atomic(text: str, path: str | os.PathLike[str]) -> None:
         mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=".gradguard-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as fh:
             fh.write(text)
         os.chmod(tmp, mode)
         os.replace(tmp, path)

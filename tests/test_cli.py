@@ -37,7 +37,9 @@ def test_findings_survive_an_exception_in_the_script(write_script, run_cli, tmp_
     assert proc.returncode == 1
     assert "ValueError: crash after training" in proc.stderr
     assert "runpy" not in proc.stderr  # the traceback starts in the user's script
-    assert [f["code"] for f in _report(tmp_path)["findings"]] == ["GG101"]
+    report = _report(tmp_path)
+    assert [f["code"] for f in report["findings"]] == ["GG101"]
+    assert "static" not in report and "seen_by" not in report["findings"][0]  # linted only with --lint
     assert "1 finding" in proc.stderr
 
 

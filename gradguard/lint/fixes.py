@@ -1,11 +1,8 @@
-"""Applying fixes to a text, showing them as a diff, and writing the fixed files."""
+"""Applying fixes to a text, and showing them as a diff."""
 
 from __future__ import annotations
 
 import difflib
-import os
-import stat
-import tempfile
 from collections.abc import Iterable
 
 from gradguard.lint.source import Edit, Fix
@@ -46,19 +43,3 @@ def unified_diff(path: str, old: str, new: str) -> str:
     """
     lines = difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True), f"a/{path}", f"b/{path}")
     return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines)
-
-
-def write_text(path: str, text: str) -> None:
-    """Replace a file's content atomically, keeping its permissions."""
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".gradguard-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -61,12 +61,3 @@ def test_run_lint_marks_what_both_sides_saw_and_lists_what_only_the_source_shows
     again = run_cli("report", "out.json", "--lint", "--format", "json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["static"] == report["static"]
-
-
-def test_without_lint_the_report_has_no_static_part(write_script, run_cli, tmp_path):
-    script = write_script(BUGGY_SCRIPT)
-    proc = run_cli("run", "--json", "out.json", str(script))
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads((tmp_path / "out.json").read_text())
-    assert "static" not in report
-    assert "seen_by" not in report["findings"][0]
