@@ -179,7 +179,7 @@ class Index:
             elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
                 for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
                     self._bind(target, node.value)
-            elif isinstance(node, (ast.For, ast.AsyncFor)) and "optim" in ast.unparse(node.iter).lower():
+            elif isinstance(node, (ast.For, ast.AsyncFor)) and "optim" in source.segment(node.iter).lower():
                 for name in assigned_names(node.target):
                     self.optimizers.setdefault(name, []).append(node)
         self._reach = self._reaches()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import gc
 from collections.abc import Iterator
 
@@ -129,11 +130,7 @@ class Source:
         finally:
             if collecting:
                 gc.enable()
-        self.lines = text.splitlines(keepends=True)
         self.cells = cells
-        self._starts = [0]
-        for line in self.lines:
-            self._starts.append(self._starts[-1] + len(line))
         self._parents: dict[ast.AST, ast.AST] = {}
         index(self.tree, self._parents)
         #: Analyses that several rules use, made once per source (keyed by their class).
@@ -174,6 +171,18 @@ class Source:
         return ".".join(reversed(names)) or "<module>"
 
     # ---------------------------------------------------------------- text
+    @functools.cached_property
+    def lines(self) -> list[str]:
+        """The source's lines, with their endings (made when first asked for: most files have no finding)."""
+        return self.text.splitlines(keepends=True)
+
+    @functools.cached_property
+    def _starts(self) -> list[int]:
+        starts = [0]
+        for line in self.lines:
+            starts.append(starts[-1] + len(line))
+        return starts
+
     def offset(self, line: int, col: int) -> int:
         """The character offset of ``line`` (1-based) and ``col`` (UTF-8 bytes, as :mod:`ast` counts)."""
         text = self.lines[line - 1] if line - 1 < len(self.lines) else ""

@@ -29,8 +29,6 @@ _DRAINS = frozenset({"clear", "pop", "popleft", "popitem", "remove"})
 _BUILTINS = frozenset({"len", "print", "sum", "min", "max", "isinstance", "enumerate", "zip", "range", "str", "sorted"})
 _Loop = ast.For | ast.AsyncFor | ast.While
 _Node = ast.expr | ast.stmt
-#: Words a source that makes a tensor over an array's memory contains.
-_CONVERSION_WORDS = ("from_numpy", "as_tensor", "Tensor(")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +263,10 @@ class NumpyAlias(LintRule):
     )
 
     def relevant(self, text: str) -> bool:
-        return any(word in text for word in _CONVERSION_WORDS)
+        if "from_numpy" in text:
+            return True
+        # as_tensor and the legacy constructors alias only an array the source shows to be numpy's
+        return ("as_tensor" in text or "Tensor(" in text) and ("numpy" in text or "np." in text)
 
     def check(self, source: Source) -> Iterator[Hit]:
         arrays = Arrays(source)

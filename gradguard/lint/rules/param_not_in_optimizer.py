@@ -197,7 +197,7 @@ class ParamNotInOptimizer(LintRule):
     )
 
     def relevant(self, text: str) -> bool:
-        return "parameters" in text and any(word in text for word in _OPTIMIZER_WORDS)
+        return "parameters(" in text and any(word in text for word in _OPTIMIZER_WORDS)
 
     def check(self, source: Source) -> Iterator[Hit]:
         """One hit per insertion after an optimizer over the same model, at the insertion."""
