@@ -82,6 +82,10 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append(f'<div class="plot">{memory_plot(memory, markers)}</div>')
     parts.append("<h2>Findings</h2>")
     parts.append(_findings_table(findings, memory, summary, {m.anchor for m in markers}))
+    static = report.get("static")
+    if isinstance(static, list):  # gradguard run --lint: what the source shows, beside what the run saw
+        parts.append("<h2>In the source (gradguard lint)</h2>")
+        parts.append(_findings_table([f for f in static if isinstance(f, dict)], None, {}, set()))
     if memory is not None:
         groups = (memory.get("census") or {}).get("groups") or []
         if groups:
@@ -203,8 +207,12 @@ def _markers(findings: Sequence[dict[str, Any]], first: float, last: float) -> l
 
 
 def _seen(f: dict[str, Any]) -> str:
+    sides = f.get("seen_by") or []
+    if sides[:1] == ["static"]:  # a static finding
+        return "also while the program ran" if "runtime" in sides else "in the source only"
     count = f.get("count", 1)
-    return f"once, at step {f.get('step', 0)}" if count == 1 else f"{count} times, from step {f.get('step', 0)}"
+    seen = f"once, at step {f.get('step', 0)}" if count == 1 else f"{count} times, from step {f.get('step', 0)}"
+    return seen + ("; the source shows it too" if "static" in sides else "")
 
 
 def _findings_table(

@@ -61,3 +61,19 @@ def test_run_lint_marks_what_both_sides_saw_and_lists_what_only_the_source_shows
     again = run_cli("report", "out.json", "--lint", "--format", "json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["static"] == report["static"]
+
+
+def test_the_html_report_lists_the_static_findings_and_which_side_saw_them():
+    from gradguard.report_html import render_html
+
+    runtime = _finding("GG101", "train.py", 12).to_dict()
+    report = agree({"summary": {"steps": 3}, "findings": [runtime]}, [
+        _finding("GG101", "train.py", 12, lines=(8, 12)),
+        _finding("GG401", "train.py", 3),
+    ], files=1)  # fmt: skip
+    page = render_html(report)
+    assert "In the source (gradguard lint)" in page
+    assert "once, at step 0; the source shows it too" in page
+    assert "also while the program ran" in page
+    assert "in the source only" in page
+    assert "In the source" not in render_html({"summary": {"steps": 3}, "findings": [runtime]})
