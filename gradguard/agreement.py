@@ -111,11 +111,8 @@ def _relative(finding: Finding, base: str) -> Finding:
     """The finding with its file relative to ``base`` when below it (as runtime findings are)."""
     if finding.location is None:
         return finding
-    full = os.path.abspath(finding.location.file)
-    try:
-        rel = os.path.relpath(full, base)
-    except ValueError:
-        rel = full
-    file = full if rel.startswith(os.pardir) else rel
+    from gradguard.formats import relative_path
+
+    file, _inside = relative_path(finding.location.file, base)
     location = Location(file, finding.location.line, finding.location.function)
     return dataclasses.replace(finding, location=location)

@@ -37,7 +37,15 @@ def ignored_at(file: str, line: int) -> tuple[str, ...]:
     (('GG201', 'GG301'), ('GG',))
     """
     linecache.checkcache(file)  # the file may have changed since it was last read
-    text = linecache.getline(file, line)
+    return ignored_in(linecache.getline(file, line))
+
+
+def ignored_in(text: str) -> tuple[str, ...]:
+    """The code prefixes a ``# gradguard: ignore[...]`` comment in a line of source ignores (empty: none).
+
+    >>> ignored_in("x += loss  # gradguard: ignore[GG201, nope]"), ignored_in("y = 1  # gradguard: ignore")
+    (('GG201',), ('GG',))
+    """
     match = _COMMENT.search(text) if "gradguard" in text.lower() else None
     if match is None:
         return ()

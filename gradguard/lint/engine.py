@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import re
 import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -28,9 +27,8 @@ from gradguard.lint.rule import Hit, LintRule
 from gradguard.lint.rules import RULES
 from gradguard.lint.source import Fix, Source
 from gradguard.policy import Policy
-from gradguard.rules import resolve_prefix
+from gradguard.suppress import ignored_in
 
-_COMMENT = re.compile(r"#\s*gradguard\s*:\s*ignore\b(?:\[([^\]]*)\])?", re.IGNORECASE)
 _MAX_PASSES = 4
 
 
@@ -189,7 +187,7 @@ def check(source: Source, active: Iterable[LintRule]) -> tuple[list[Finding], li
             continue
         for hit in hits:
             line = hit.node.lineno  # type: ignore[attr-defined]
-            if rule.code.startswith(ignored(source.line_text(line)) or ("\0",)):
+            if rule.code.startswith(ignored_in(source.line_text(line))):
                 suppressed += 1
                 continue
             findings.append(_finding(rule, source, hit))
@@ -197,20 +195,6 @@ def check(source: Source, active: Iterable[LintRule]) -> tuple[list[Finding], li
                 fixes.append(hit.fix)
     findings.sort(key=lambda f: (f.location.line if f.location else 0, f.data.get("column", 0), f.code))
     return findings, fixes, suppressed
-
-
-def ignored(line: str) -> tuple[str, ...]:
-    """The code prefixes a ``# gradguard: ignore[...]`` comment in ``line`` ignores (``("GG",)``: all).
-
-    >>> ignored("x += loss  # gradguard: ignore[GG201, nope]"), ignored("y = 1  # gradguard: ignore")
-    (('GG201',), ('GG',))
-    """
-    match = _COMMENT.search(line) if "gradguard" in line.lower() else None
-    if match is None:
-        return ()
-    if match.group(1) is None:
-        return ("GG",)
-    return tuple(code for code in (resolve_prefix(part) for part in match.group(1).split(",")) if code)
 
 
 def _finding(rule: LintRule, source: Source, hit: Hit) -> Finding:
